@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 RelativeMethod = Literal["gather", "skew"]
 RELATIVE_METHODS = ("gather", "skew")
+ATTENTION_IMPLS = ("xla", "pallas")
 POSITION_ENCODINGS = ("none", "relative", "sine", "coordconv")
 
 

@@ -140,6 +140,8 @@ class AAConv(nn.Module):
   position_encoding: str = "relative"
   attention_pool: Optional[int] = None
   relative_method: attention.RelativeMethod = "gather"
+  attention_impl: str = "xla"
+  remat: bool = False
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -161,6 +163,9 @@ class AAConv(nn.Module):
                                             or self.attention_pool < 1):
       raise ValueError(f"attention_pool must be None or an int >= 1, got "
                        f"{self.attention_pool!r}")
+    if self.attention_impl not in attention.ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
+                       f"{attention.ATTENTION_IMPLS}")
     if self.relative_method not in attention.RELATIVE_METHODS:
       raise ValueError(f"relative_method {self.relative_method!r} is not one of "
                        f"{attention.RELATIVE_METHODS}")
@@ -223,14 +228,32 @@ class AAConv(nn.Module):
     if self.position_encoding == "relative":
       rel_h = self._relative_table("rel_height", height, depths.key_per_head).astype(self.dtype)
       rel_w = self._relative_table("rel_width", width, depths.key_per_head).astype(self.dtype)
-    out, weights = attention.multihead_attention_2d(
-        q, k, v, rel_h, rel_w, relative_method=self.relative_method, return_weights=True)
-    self.sow("intermediates", "attention_weights", weights)
+    out = self._attend(q, k, v, rel_h, rel_w)
     # [B, N, h, w, d_v^h] -> [B, h, w, N * d_v^h]: head n owns channels [n d_v^h, (n+1) d_v^h).
     out = jnp.transpose(out, (0, 2, 3, 1, 4)).reshape(batch, height, width, depths.value)
     out = conv1x1(depths.value, "attention_output")(out)
     if (height, width) != (out_h, out_w):
       out = jax.image.resize(out, (batch, out_h, out_w, depths.value), "bilinear")
+    return out
+
+
+  def _attend(self, q, k, v, rel_h, rel_w):
+    """Runs the chosen attention implementation; ``[B, N, h, w, d]`` in, ``[B, N, h, w, d_v^h]`` out."""
+    if self.attention_impl == "xla":
+      def attend(q, k, v, rel_h, rel_w):
+        return attention.multihead_attention_2d(
+            q, k, v, rel_h, rel_w, relative_method=self.relative_method, return_weights=True)
+    else:
+      from aa_flax import kernels  # pylint: disable=import-outside-toplevel
+      fused = kernels.attention_fn(self.attention_impl)
+
+      def attend(q, k, v, rel_h, rel_w):
+        return fused(q, k, v, rel_h, rel_w), None
+    if self.remat:
+      attend = jax.checkpoint(attend)
+    out, weights = attend(q, k, v, rel_h, rel_w)
+    if weights is not None:
+      self.sow("intermediates", "attention_weights", weights)
     return out
 
 
