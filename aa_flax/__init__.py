@@ -2,4 +2,12 @@
 
 from aa_flax import attention, layers
 
-__all__ = ["attention", "layers"]
+__all__ = ["attention", "layers", "train_and_evaluate"]
+
+
+def __getattr__(name):
+  # Lazy: the training system pulls in orbax, grain and friends only when asked for.
+  if name == "train_and_evaluate":
+    from aa_flax.trainer import train_and_evaluate
+    return train_and_evaluate
+  raise AttributeError(f"module 'aa_flax' has no attribute {name!r}")

@@ -1,0 +1,134 @@
+"""The shape of every training config, its validation, and config comparison for resume.
+
+Every config in ``configs/`` starts from ``base_config()``, so every key below exists in all
+of them and ``--config.<key>=...`` works on top of any config; a key that does not exist
+fails loudly in ``config_flags``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from aa_flax.errors import ConfigError
+
+NONFINITE_POLICIES = ("stop", "skip")
+# Keys that change what is trained (model, data) and so may not change between a checkpoint
+# and the run that resumes it. Loader performance knobs are free to change.
+RESUME_SECTIONS = ("model", "data")
+RESUME_FREE_KEYS = ("data.num_threads", "data.prefetch", "data.tfds_data_dir")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a training config has, with neutral defaults (see README, "Configs")."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "resnet50"
+  config.model.overrides = ml_collections.ConfigDict()  # kwargs for create_model
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"
+  config.data.train_files = ""  # npz: comma-separated paths or globs
+  config.data.eval_files = ""
+  config.data.tfds_data_dir = ""  # tfds datasets; empty: ~/tensorflow_datasets
+  config.data.image_size = 0  # square side after preprocessing; 0: the stored size
+  config.data.num_classes = 0  # 0: from the dataset
+  config.data.augment = "none"  # none | flip | cifar | inception
+  config.data.mean = ()  # per channel, 0..1 scale; empty: from the dataset
+  config.data.std = ()
+  config.data.num_threads = 4  # grain reader threads per process
+  config.data.prefetch = 8  # batches of look-ahead
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.channels = 3
+  config.data.synthetic.num_classes = 10
+  config.data.synthetic.num_train_examples = 10_000
+  config.data.synthetic.num_eval_examples = 1_000
+
+  config.batch_size = 256  # global, over all devices and processes
+  config.eval_batch_size = 256
+  config.num_epochs = 1.0
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+  config.half_precision = False  # bf16 activations; f32 params, logits and loss
+  config.label_smoothing = 0.0
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # sgd | rmsprop
+  config.optimizer.base_learning_rate = 0.1  # per 256 examples (scaled by batch/256)
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = True
+  config.optimizer.weight_decay = 1e-4  # on kernels only
+  config.optimizer.warmup_epochs = 5.0
+  config.optimizer.schedule = "cosine"  # cosine | exponential | constant
+  config.optimizer.decay_rate = 0.97  # exponential
+  config.optimizer.decay_epochs = 2.4
+  config.optimizer.rmsprop_decay = 0.9
+  config.optimizer.rmsprop_eps = 1e-3
+  config.optimizer.grad_clip_norm = 0.0  # 0: off
+
+  config.log_every_steps = 100
+  config.eval_every_steps = 0  # 0: evaluate only at the end
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.async_checkpointing = True
+
+  config.eval_only = False
+  config.checkpoint_path = ""  # eval-only: a checkpoint step directory; empty: newest in workdir
+  config.on_nonfinite = "stop"  # stop | skip (the step's update is dropped)
+  config.allow_config_mismatch = False  # resume even if model/data keys changed
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ConfigError`` naming the first invalid value and the valid ones."""
+  if config.on_nonfinite not in NONFINITE_POLICIES:
+    raise ConfigError(f"Unknown config.on_nonfinite={config.on_nonfinite!r}; valid: "
+                      f"{', '.join(NONFINITE_POLICIES)}.")
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    if config[key] <= 0:
+      raise ConfigError(f"config.{key}={config[key]} must be positive.")
+  if config.eval_every_steps < 0:
+    raise ConfigError(f"config.eval_every_steps={config.eval_every_steps} must be >= 0.")
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ConfigError(f"Set config.num_epochs (> 0) or config.num_train_steps (> 0); got "
+                      f"{config.num_epochs} and {config.num_train_steps}.")
+  if config.data.image_size < 0 or config.data.num_classes < 0:
+    raise ConfigError("config.data.image_size and config.data.num_classes must be >= 0 "
+                      f"(0: from the data); got {config.data.image_size}, "
+                      f"{config.data.num_classes}.")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """``{'a': {'b': 1}} -> {'a.b': 1}``; sequences become lists."""
+  if hasattr(tree, "to_dict"):
+    tree = tree.to_dict()
+  if isinstance(tree, dict):
+    if not tree and prefix:
+      return {prefix: {}}
+    flat = {}
+    for key, value in tree.items():
+      flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+  if isinstance(tree, tuple):
+    tree = list(tree)
+  return {prefix: tree}
+
+
+def resume_differences(saved: dict[str, Any], current: ml_collections.ConfigDict
+                       ) -> list[tuple[str, Any, Any]]:
+  """``(key, saved value, current value)`` for every model/data key that differs."""
+  old = {k: v for k, v in flatten(saved).items() if k.split(".")[0] in RESUME_SECTIONS}
+  new = {k: v for k, v in flatten(config_to_dict(current)).items()
+         if k.split(".")[0] in RESUME_SECTIONS}
+  absent = "<absent>"
+  return [(key, old.get(key, absent), new.get(key, absent))
+          for key in sorted(set(old) | set(new))
+          if key not in RESUME_FREE_KEYS and old.get(key, absent) != new.get(key, absent)]
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A JSON-safe plain dict of ``config`` (tuples become lists)."""
+  import json
+  return json.loads(config.to_json_best_effort())

@@ -1,0 +1,262 @@
+"""Random-access data sources: every split is a sequence of ``{'image', 'label'}`` records.
+
+A record's ``image`` is ``uint8 [H, W, C]`` and its ``label`` an integer in
+``[0, num_classes)``. Sources (``config.data.name``):
+
+* ``digits``: the 1,797 8x8 handwritten digits bundled with scikit-learn, pixel values 0..16
+  scaled to 0..255, split 80/20 stratified with a fixed seed (1,437 train / 360 test).
+* ``npz``: ``images`` (uint8 NHWC) and ``labels`` (integer [N]) arrays from ``.npz`` files.
+* ``synthetic``: random images and labels of any shape, generated per index (no memory).
+* ``cifar10``, ``cifar100``, ``imagenet2012``: tensorflow-datasets ``data_source`` (ArrayRecord
+  files read without TensorFlow; preparing them needs TensorFlow once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from aa_flax.errors import ConfigError, DataError, DatasetNotFoundError
+
+DATASETS = ("digits", "npz", "synthetic", "cifar10", "cifar100", "imagenet2012")
+TFDS_DATASETS = {
+    # name: (train split, eval split, per-channel mean, per-channel std) on a 0..1 scale.
+    "cifar10": ("train", "test", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("train", "test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagenet2012": ("train", "validation", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+  """In-memory source over ``images`` uint8 [N, H, W, C] and ``labels`` int32 [N]."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self.images[index], "label": self.labels[index]}
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSource:
+  """Deterministic random records generated from ``(seed, index)``; no memory held."""
+  size: int
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  seed: int
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    rng = np.random.default_rng([self.seed, int(index)])
+    image = rng.integers(0, 256, self.image_shape, dtype=np.uint8)
+    return {"image": image, "label": np.int32(rng.integers(self.num_classes))}
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+  """Keeps only ``image`` and ``label`` of a ``tfds.data_source`` record."""
+  source: Sequence[dict[str, Any]]
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self.source[index]
+    return {"image": np.asarray(record["image"]), "label": np.int32(record["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSplits:
+  """Train and eval sources plus what the model and the preprocessing need to know.
+
+  ``image_shape`` is the stored ``(H, W, C)``; ``H`` and ``W`` are ``None`` when images vary
+  in size (ImageNet). ``mean`` and ``std`` are per channel on a 0..1 pixel scale.
+  """
+  name: str
+  train: Sequence[dict[str, Any]]
+  eval: Sequence[dict[str, Any]]
+  num_classes: int
+  image_shape: tuple[int | None, int | None, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+def load_splits(data_config, *, seed: int) -> DatasetSplits:
+  """Opens the train and eval splits named by ``data_config.name``.
+
+  Raises ``ConfigError`` for an unknown name, ``DataError`` for malformed arrays and
+  ``DatasetNotFoundError`` for a tfds dataset that is not prepared.
+  """
+  name = data_config.name
+  if name == "digits":
+    train, evaluation = _digits_arrays()
+  elif name == "npz":
+    train = load_npz_files(data_config.train_files, "config.data.train_files")
+    evaluation = load_npz_files(data_config.eval_files, "config.data.eval_files")
+  elif name == "synthetic":
+    return _synthetic_splits(data_config, seed)
+  elif name in TFDS_DATASETS:
+    return _tfds_splits(data_config)
+  else:
+    raise ConfigError(f"Unknown dataset config.data.name={name!r}; valid names: "
+                      f"{', '.join(DATASETS)}.")
+  if train.images.shape[1:] != evaluation.images.shape[1:]:
+    raise DataError(f"Train images have shape {train.images.shape[1:]} (H, W, C) but eval "
+                    f"images have {evaluation.images.shape[1:]}; they must agree.")
+  num_classes = data_config.num_classes or int(max(train.labels.max(), evaluation.labels.max())) + 1
+  for split, arrays in (("train", train), ("eval", evaluation)):
+    _check_labels(arrays.labels, num_classes, f"{name} {split} split")
+  mean, std = _normalisation(data_config, train.images)
+  return DatasetSplits(name=name, train=train, eval=evaluation, num_classes=num_classes,
+                       image_shape=tuple(train.images.shape[1:]), mean=mean, std=std)
+
+
+def _digits_arrays() -> tuple[ArraySource, ArraySource]:
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+  digits = load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = digits.target.astype(np.int32)
+  x_train, x_test, y_train, y_test = train_test_split(
+      images, labels, test_size=0.2, random_state=0, stratify=labels)
+  return ArraySource(x_train, y_train), ArraySource(x_test, y_test)
+
+
+def _expand_file_patterns(spec: str, field: str) -> list[str]:
+  patterns = [p.strip() for p in spec.split(",") if p.strip()]
+  if not patterns:
+    raise ConfigError(f"{field} is empty; with config.data.name='npz' give a comma-separated "
+                      "list of .npz paths or globs.")
+  paths = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not matches:
+      raise DataError(f"{field}: no file matches {pattern!r}.")
+    paths.extend(matches)
+  return paths
+
+
+def load_npz_files(spec: str, field: str = "files") -> ArraySource:
+  """Loads and concatenates ``images``/``labels`` from comma-separated ``.npz`` paths or globs.
+
+  Every file must hold ``images`` uint8 [N, H, W, C] with N >= 1 and ``labels`` integer [N];
+  all files must share ``(H, W, C)``. Raises ``DataError`` naming the file and the problem.
+  """
+  images, labels = [], []
+  for path in _expand_file_patterns(spec, field):
+    try:
+      with np.load(path, allow_pickle=False) as archive:
+        missing = {"images", "labels"} - set(archive.files)
+        if missing:
+          raise DataError(f"{path}: missing array(s) {sorted(missing)}; an npz source needs "
+                          f"'images' (uint8 NHWC) and 'labels' (int); found {archive.files}.")
+        file_images, file_labels = archive["images"], archive["labels"]
+    except (OSError, ValueError, EOFError) as error:
+      if isinstance(error, DataError):
+        raise
+      raise DataError(f"{path}: cannot be read as an .npz archive ({error}).") from error
+    validate_arrays(file_images, file_labels, path)
+    if images and file_images.shape[1:] != images[0].shape[1:]:
+      raise DataError(f"{path}: images have shape {file_images.shape[1:]} (H, W, C) but earlier "
+                      f"files have {images[0].shape[1:]}; all files of a split must agree.")
+    images.append(file_images)
+    labels.append(file_labels.astype(np.int32))
+  return ArraySource(np.concatenate(images), np.concatenate(labels))
+
+
+def validate_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
+  """Checks ``images`` uint8 [N, H, W, C] (N, H, W, C >= 1) and ``labels`` integer [N] >= 0."""
+  if images.dtype != np.uint8:
+    raise DataError(f"{where}: images have dtype {images.dtype}; expected uint8 (0..255). "
+                    "Convert with np.clip(x * 255, 0, 255).astype(np.uint8) if they are 0..1 "
+                    "floats.")
+  if images.ndim != 4:
+    hint = " (add a channel axis with images[..., None])" if images.ndim == 3 else ""
+    raise DataError(f"{where}: images have shape {images.shape} (rank {images.ndim}); expected "
+                    f"rank 4 [N, H, W, C]{hint}.")
+  if min(images.shape) < 1:
+    raise DataError(f"{where}: images have shape {images.shape}; no dimension may be empty.")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{where}: labels have dtype {labels.dtype}; expected an integer dtype.")
+  if labels.shape != (images.shape[0],):
+    raise DataError(f"{where}: labels have shape {labels.shape}; expected ({images.shape[0]},) "
+                    "to match the images.")
+  if labels.min() < 0:
+    raise DataError(f"{where}: label {int(labels.min())} is negative; labels must be in "
+                    "[0, num_classes).")
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  if labels.max() >= num_classes:
+    raise DataError(f"{where}: label {int(labels.max())} is out of range for num_classes="
+                    f"{num_classes} (valid labels 0..{num_classes - 1}).")
+
+
+def _normalisation(data_config, train_images: np.ndarray) -> tuple[tuple[float, ...], ...]:
+  """Per-channel mean/std on a 0..1 scale: from the config if set, else from the train images."""
+  channels = train_images.shape[-1]
+  if data_config.mean and data_config.std:
+    mean, std = tuple(data_config.mean), tuple(data_config.std)
+    if len(mean) != channels or len(std) != channels:
+      raise ConfigError(f"config.data.mean={mean} / std={std} must have one value per channel "
+                        f"({channels}).")
+    return mean, std
+  flat = train_images.reshape(-1, channels).astype(np.float64) / 255.0
+  return tuple(flat.mean(0).tolist()), tuple(np.maximum(flat.std(0), 1e-3).tolist())
+
+
+def _synthetic_splits(data_config, seed: int) -> DatasetSplits:
+  size = data_config.image_size or 32
+  shape = (size, size, data_config.synthetic.channels)
+  num_classes = data_config.num_classes or data_config.synthetic.num_classes
+  channels = shape[-1]
+  return DatasetSplits(
+      name="synthetic",
+      train=SyntheticSource(data_config.synthetic.num_train_examples, shape, num_classes, seed),
+      eval=SyntheticSource(data_config.synthetic.num_eval_examples, shape, num_classes, seed + 1),
+      num_classes=num_classes, image_shape=shape, mean=(0.5,) * channels, std=(0.29,) * channels)
+
+
+def prepare_instructions(name: str, data_dir: str) -> str:
+  """The steps that put a tfds dataset into ``data_dir`` in the ArrayRecord format."""
+  manual = ""
+  if name == "imagenet2012":
+    manual = ("  1. Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+              "https://image-net.org (needs an account) into\n"
+              f"     {os.path.join(data_dir, 'downloads', 'manual')}/\n")
+  step = "2" if manual else "1"
+  return (f"{manual}  {step}. Prepare it once (this step alone needs TensorFlow):\n"
+          "     pip install tensorflow tensorflow-datasets\n"
+          f"     tfds build {name} --data_dir={data_dir} --file_format=array_record\n"
+          f"  Then train with --config.data.tfds_data_dir={data_dir}.")
+
+
+def _tfds_splits(data_config) -> DatasetSplits:
+  import tensorflow_datasets as tfds
+  name = data_config.name
+  train_split, eval_split, mean, std = TFDS_DATASETS[name]
+  data_dir = data_config.tfds_data_dir or os.path.expanduser("~/tensorflow_datasets")
+  try:
+    sources = tfds.data_source(name, split=[train_split, eval_split], data_dir=data_dir,
+                               download=False)
+    builder = tfds.builder(name, data_dir=data_dir)
+    num_classes = builder.info.features["label"].num_classes
+  except Exception as error:  # tfds raises assorted types for missing or TFRecord-only data.
+    raise DatasetNotFoundError(
+        f"Dataset {name!r} is not prepared in {data_dir} in the ArrayRecord format "
+        f"({type(error).__name__}: {str(error).splitlines()[0]}).\n"
+        + prepare_instructions(name, data_dir)) from error
+  channels = 3
+  return DatasetSplits(name=name, train=TfdsSource(sources[0]), eval=TfdsSource(sources[1]),
+                       num_classes=data_config.num_classes or num_classes,
+                       image_shape=(None, None, channels),
+                       mean=tuple(data_config.mean) or mean, std=tuple(data_config.std) or std)

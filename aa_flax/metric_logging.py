@@ -1,0 +1,65 @@
+"""Metrics out: console lines (absl logging), ``<workdir>/metrics.jsonl`` and TensorBoard
+event files in ``<workdir>/tensorboard`` (tensorboardX; no TensorFlow). Only process 0 writes.
+
+Each ``metrics.jsonl`` line is ``{"step": int, "split": "train" | "eval", <name>: float, ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricLogger:
+  """Writes metric records; a no-op on processes other than 0 (``enabled=False``)."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._tensorboard = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records newer than ``step`` (written by a run that died after its checkpoint)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as handle:
+      records = [line for line in handle if line.strip()]
+    kept = []
+    for line in records:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except (ValueError, KeyError):
+        continue  # a line cut short by a kill
+    with open(self.path, "w") as handle:
+      handle.writelines(kept)
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as handle:
+      handle.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if name not in ("step", "split") and isinstance(value, (int, float)):
+        self._tensorboard.add_scalar(f"{split}/{name}", value, int(step))
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def _plain(value: Any) -> Any:
+  if hasattr(value, "item"):
+    return value.item()
+  return value

@@ -1,0 +1,82 @@
+"""Devices and data placement: multi-host start-up, the mesh, shardings, global batches.
+
+One mesh axis, ``data``, spans every device of every process. The batch is sharded on it;
+the train state is replicated. Each process feeds only its local share of a global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from aa_flax.errors import ConfigError
+
+DATA_AXIS = "data"
+DISTRIBUTED_MODES = ("auto", "on", "off")
+# Environment variables that mark a multi-process launch jax.distributed can auto-detect.
+_MULTI_PROCESS_ENV = ("TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _launched_multi_process() -> bool:
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if "," in hosts:
+    return True
+  return any(int(os.environ.get(name, "1") or 1) > 1 for name in _MULTI_PROCESS_ENV[1:])
+
+
+def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Calls ``jax.distributed.initialize`` when this run spans several processes.
+
+  ``mode='on'`` always initialises (arguments not given are auto-detected: TPU pods,
+  SLURM, Open MPI); ``'off'`` never; ``'auto'`` initialises when a coordinator address is
+  given or the environment shows a multi-process launch (several TPU hosts, SLURM or MPI
+  with more than one task). Must run before any other jax call.
+  """
+  if mode not in DISTRIBUTED_MODES:
+    raise ConfigError(f"Unknown distributed mode {mode!r}; valid: {', '.join(DISTRIBUTED_MODES)}.")
+  if mode == "off" or (mode == "auto" and coordinator_address is None
+                       and not _launched_multi_process()):
+    return
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def create_mesh(devices: list[Any] | None = None) -> Mesh:
+  """A 1-D ``Mesh`` with axis ``data`` over ``devices`` (default: all devices, all processes)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over ``data``; other axes whole."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, name: str = "config.batch_size") -> None:
+  """Raises ``ConfigError`` unless ``batch_size`` is a positive multiple of the device count."""
+  num_devices = mesh.devices.size
+  if batch_size <= 0 or batch_size % num_devices:
+    raise ConfigError(
+        f"{name}={batch_size} must be a positive multiple of the number of devices "
+        f"({num_devices} over {jax.process_count()} process(es)); e.g. "
+        f"{max(1, round(batch_size / num_devices)) * num_devices}.")
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's ``[L, ...]`` arrays into global ``[L * processes, ...]`` arrays.
+
+  The result is sharded on ``data``; process ``p``'s rows come ``p``-th in the global order.
+  """
+  sharding = batch_sharded(mesh)
+  return {key: jax.make_array_from_process_local_data(sharding, value)
+          for key, value in local_batch.items()}

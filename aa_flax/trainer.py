@@ -1,0 +1,412 @@
+"""Training and evaluation: the train state, the jitted steps, the loop, ``train_and_evaluate``.
+
+Data flow: config -> ``InputPipeline`` (per-process uint8 batches) -> ``parallel.global_batch``
+(sharded on ``data``) -> jitted ``train_step`` (state replicated and donated) -> metrics,
+checkpoints. Under ``jax.jit`` BatchNorm statistics are over the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from aa_flax import config_utils, optim, parallel
+from aa_flax.errors import ConfigError, NonFiniteError
+
+EVAL_RESULTS_FILE = "eval_results.json"
+CONFIG_FILE = "config.json"
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (all replicated over the mesh)."""
+  step: jax.Array  # int32 []
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy in f32. logits [B, K], labels int [B] -> [B]."""
+  num_classes = logits.shape[-1]
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def normalise(images: jax.Array, mean, std, dtype) -> jax.Array:
+  """uint8 [B, H, W, C] -> ``(x / 255 - mean) / std`` in ``dtype``; mean/std per channel."""
+  mean = jnp.asarray(mean, jnp.float32) * 255.0
+  std = jnp.asarray(std, jnp.float32) * 255.0
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    learning_rate: optax.Schedule, *, mean, std, dtype, label_smoothing: float,
+                    seed: int, skip_nonfinite: bool) -> Callable:
+  """``(state, batch) -> (state, metrics)`` for a batch ``{'image': uint8 [B,H,W,C],
+  'label': int32 [B]}``. Metrics (f32 scalars): loss, accuracy, learning_rate, grad_norm,
+  finite (1 if loss and gradients are finite). With ``skip_nonfinite`` a non-finite step
+  leaves params, BN statistics and optimizer state unchanged (the step counter advances)."""
+  dropout_root = jax.random.key(seed + 1)
+
+  def train_step(state: TrainState, batch):
+    images = normalise(batch["image"], mean, std, dtype)
+    labels = batch["label"]
+    dropout_key = jax.random.fold_in(dropout_root, state.step)
+
+    def loss_fn(params):
+      logits, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                     images, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": dropout_key})
+      logits = logits.astype(jnp.float32)
+      loss = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+      return loss, (logits, new_vars.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              batch_stats=batch_stats, opt_state=opt_state)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    if skip_nonfinite:
+      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                          (new_state.params, new_state.batch_stats, new_state.opt_state),
+                          (state.params, state.batch_stats, state.opt_state))
+      new_state = new_state.replace(params=kept[0], batch_stats=kept[1], opt_state=kept[2])
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+        "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
+        "grad_norm": optax.global_norm(grads),
+        "finite": finite.astype(jnp.float32),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, *, mean, std, dtype) -> Callable:
+  """``(state, batch) -> sums`` over a padded batch with ``mask`` float32 [B] (1 = real).
+
+  Returns f32 scalars ``loss``, ``top1``, ``top5`` (summed over real examples) and ``count``.
+  """
+
+  def eval_step(state: TrainState, batch):
+    images = normalise(batch["image"], mean, std, dtype)
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images,
+                         train=False).astype(jnp.float32)
+    labels, mask = batch["label"], batch["mask"]
+    k = min(5, logits.shape[-1])
+    top_k = jax.lax.top_k(logits, k)[1]
+    in_top_k = jnp.any(top_k == labels[:, None], axis=-1)
+    return {
+        "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+        "top1": jnp.sum((top_k[:, 0] == labels) * mask),
+        "top5": jnp.sum(in_top_k * mask),
+        "count": jnp.sum(mask),
+    }
+
+  return eval_step
+
+
+def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh) -> dict[str, float]:
+  """One pass over the eval split, each example exactly once (padding masked, all hosts).
+
+  Returns ``top1``, ``top5`` (fractions), ``loss`` (mean) and ``num_examples``.
+  """
+  totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
+  for local_batch in pipeline.eval_batches():
+    sums = jax.device_get(eval_step(state, parallel.global_batch(local_batch, mesh)))
+    for key in totals:
+      totals[key] += float(sums[key])
+  count = totals["count"]
+  return {"top1": totals["top1"] / count, "top5": totals["top5"] / count,
+          "loss": totals["loss"] / count, "num_examples": int(round(count))}
+
+
+class _MetricWindow:
+  """Host-side sums of per-step train metrics between two log lines (checkpointed)."""
+
+  KEYS = ("loss", "accuracy", "grad_norm")
+
+  def __init__(self, saved: dict[str, float] | None = None):
+    saved = saved or {}
+    self.sums = {key: float(saved.get(key, 0.0)) for key in self.KEYS}
+    self.count = int(saved.get("count", 0))
+    self.learning_rate = float(saved.get("learning_rate", 0.0))
+
+  def add(self, metrics: dict[str, float]) -> None:
+    for key in self.KEYS:
+      self.sums[key] += float(metrics[key])
+    self.learning_rate = float(metrics["learning_rate"])
+    self.count += 1
+
+  def means(self) -> dict[str, float]:
+    return {**{key: value / max(self.count, 1) for key, value in self.sums.items()},
+            "learning_rate": self.learning_rate}
+
+  def state(self) -> dict[str, float]:
+    return {**self.sums, "count": self.count, "learning_rate": self.learning_rate}
+
+
+def _num_train_steps(config, steps_per_epoch: float) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
+
+
+def _image_size(config, splits) -> tuple[int, int]:
+  if config.data.image_size:
+    return (config.data.image_size, config.data.image_size)
+  height, width = splits.image_shape[:2]
+  if height is None or width is None:
+    raise ConfigError(f"Dataset {splits.name!r} has images of varying size; set "
+                      "config.data.image_size (e.g. 224).")
+  return (height, width)
+
+
+def build_model(config, num_classes: int, dtype) -> nn.Module:
+  """``aa_flax.models.create_model`` from ``config.model``; bad names raise ``ConfigError``."""
+  from aa_flax.models import create_model
+  overrides = config.model.overrides.to_dict()
+  try:
+    return create_model(config.model.name, num_classes, dtype=dtype, **overrides)
+  except (ValueError, TypeError) as error:
+    raise ConfigError(f"config.model (name={config.model.name!r}, overrides={overrides}): "
+                      f"{error}") from error
+
+
+def _state_bytes(abstract_state) -> int:
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+  temporary = f"{path}.tmp"
+  with open(temporary, "w") as handle:
+    json.dump(payload, handle, indent=2, sort_keys=True)
+    handle.write("\n")
+  os.replace(temporary, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       model: nn.Module | None = None) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint) and evaluates.
+
+  Args:
+    config: a config built on ``aa_flax.config_utils.base_config()`` (see ``configs/``).
+    workdir: checkpoints, ``metrics.jsonl``, ``eval_results.json``, ``config.json`` and
+      TensorBoard events go here.
+    model: optional flax module to train instead of ``config.model`` (same call convention
+      as the registry's models); ``config.model`` is then only recorded.
+
+  Returns:
+    The final eval metrics (``step``, ``top1``, ``top5``, ``loss``, ``num_examples``) plus
+    ``preempted``: ``True`` when a SIGTERM stopped the run after a checkpoint (rerun the
+    same call to continue; ``train.py`` exits with ``preemption.EXIT_PREEMPTED``).
+
+  Raises:
+    ConfigError, DataError, DatasetNotFoundError, ConfigMismatchError, WorkdirError,
+    NonFiniteError (see ``aa_flax.errors``).
+  """
+  from aa_flax.checkpoint import Checkpointer, check_resume_config, check_workdir
+  from aa_flax.data import InputPipeline, load_splits
+  from aa_flax.metric_logging import MetricLogger
+  from aa_flax.preemption import PreemptionWatcher
+
+  config_utils.validate_config(config)
+  mesh = parallel.create_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+  splits = load_splits(config.data, seed=config.seed)  # fails before anything is written
+  image_size = _image_size(config, splits)
+  pipeline = InputPipeline(
+      splits, global_batch_size=config.batch_size, eval_global_batch_size=config.eval_batch_size,
+      image_size=image_size, augment=config.data.augment, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+  dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  if model is None:
+    model = build_model(config, splits.num_classes, dtype)
+  total_steps = _num_train_steps(config, pipeline.steps_per_epoch)
+  learning_rate = optim.create_learning_rate_schedule(
+      config.optimizer, config.batch_size, pipeline.steps_per_epoch, total_steps)
+  tx = optim.create_optimizer(config.optimizer, learning_rate)
+
+  def init_state(key):
+    images = jnp.zeros((1, *pipeline.image_shape), dtype)
+    variables = model.init({"params": key, "dropout": key}, images, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+  init_key = jax.random.key(config.seed)
+  abstract_state = jax.eval_shape(init_state, init_key)
+  state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
+  abstract_state = jax.tree.map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      abstract_state, state_sharding)
+
+  is_main = jax.process_index() == 0
+  state_bytes = _state_bytes(abstract_state)
+  check_workdir(workdir, state_bytes * (config.keep_checkpoints + 1))
+  checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                              async_save=config.async_checkpointing)
+  config_dict = config_utils.config_to_dict(config)
+  norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
+  eval_step = jax.jit(make_eval_step(model, **norm),
+                      in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                      out_shardings=parallel.replicated(mesh))
+  try:
+    if config.eval_only:
+      return _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline,
+                            mesh, is_main)
+    restored = checkpointer.restore_latest(
+        abstract_state, check_config=lambda saved: check_resume_config(
+            saved, config, config.allow_config_mismatch))
+    if restored is None:
+      state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
+      extra: dict[str, Any] = {}
+      start_step = 0
+    else:
+      state, extra, start_step = restored.state, restored.extra, restored.step
+      logging.info("Resumed from %s (step %d).", restored.path, start_step)
+    if is_main:
+      _write_json(os.path.join(workdir, CONFIG_FILE), config_dict)
+    train_step = jax.jit(
+        make_train_step(model, tx, learning_rate, label_smoothing=config.label_smoothing,
+                        seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip", **norm),
+        in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+        out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+    logger = MetricLogger(workdir, enabled=is_main)
+    logger.truncate_after(start_step)
+    try:
+      return _train_loop(config, workdir, state, extra, start_step, total_steps, train_step,
+                         eval_step, pipeline, mesh, checkpointer, logger, config_dict, is_main,
+                         PreemptionWatcher)
+    finally:
+      logger.close()
+  finally:
+    checkpointer.close()
+
+
+def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline, mesh,
+                   is_main) -> dict[str, Any]:
+  from aa_flax.errors import WorkdirError
+  if config.checkpoint_path:
+    restored = checkpointer.restore_path(config.checkpoint_path, abstract_state)
+  else:
+    restored = checkpointer.restore_latest(abstract_state)
+    if restored is None:
+      raise WorkdirError(f"eval_only: no checkpoint in {checkpointer.directory}; set "
+                         "config.checkpoint_path to a checkpoint step directory.")
+  results = {"step": restored.step, **evaluate(eval_step, restored.state, pipeline, mesh)}
+  logging.info("Eval of %s: %s", restored.path, results)
+  if is_main:
+    _write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
+  return {**results, "preempted": False}
+
+
+def _train_loop(config, workdir, state, extra, start_step, total_steps, train_step, eval_step,
+                pipeline, mesh, checkpointer, logger, config_dict, is_main,
+                watcher_cls) -> dict[str, Any]:
+  iterator = pipeline.train_iterator(extra.get("data_iterator"))
+  window = _MetricWindow(extra.get("metric_window"))
+  skipped = int(extra.get("skipped_steps", 0))
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  last_saved = checkpointer.latest_step()
+  step = start_step
+  timer = (time.perf_counter(), step)
+
+  def flush() -> None:
+    """Fetches pending step metrics; stops (or counts skips) on non-finite steps."""
+    nonlocal skipped
+    for done, metrics in jax.device_get(pending):
+      if metrics["finite"] < 1:
+        if config.on_nonfinite == "stop":
+          checkpointer.wait()
+          last = checkpointer.latest_step()
+          where = checkpointer.step_path(last) if last is not None else "none"
+          raise NonFiniteError(
+              f"Non-finite loss or gradients at step {done} (loss={metrics['loss']}, "
+              f"grad_norm={metrics['grad_norm']}). Last good checkpoint: {where}; nothing "
+              "after it was saved. Lower the learning rate, or set "
+              "config.on_nonfinite='skip' to drop such steps.")
+        skipped += 1
+        logging.warning("Skipped the update of step %d: non-finite loss or gradients.", done)
+        continue
+      window.add(metrics)
+    pending.clear()
+
+  def save(done: int) -> None:
+    nonlocal last_saved
+    flush()
+    checkpointer.save(done, state, {"data_iterator": iterator.get_state(),
+                                    "metric_window": window.state(),
+                                    "skipped_steps": skipped}, config_dict)
+    last_saved = done
+
+  def run_eval(done: int) -> dict[str, Any]:
+    results = {"step": done, **evaluate(eval_step, state, pipeline, mesh)}
+    logger.write(done, "eval", {k: v for k, v in results.items() if k != "step"})
+    logging.info("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", done,
+                 results["top1"], results["top5"], results["loss"], results["num_examples"])
+    return results
+
+  watcher = watcher_cls()
+  try:
+    while step < total_steps:
+      batch = parallel.global_batch(next(iterator), mesh)
+      state, metrics = train_step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      if step % config.log_every_steps == 0 or step == total_steps:
+        flush()
+        means = window.means()
+        elapsed, steps_done = time.perf_counter() - timer[0], step - timer[1]
+        images_per_s = steps_done * config.batch_size / max(elapsed, 1e-9)
+        eta_s = (total_steps - step) * elapsed / max(steps_done, 1)
+        logger.write(step, "train", {**means, "skipped_steps": skipped})
+        logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s ETA %s", step,
+                     total_steps, means["loss"], means["accuracy"], means["learning_rate"],
+                     images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+        window = _MetricWindow()
+        timer = (time.perf_counter(), step)
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        save(step)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+        run_eval(step)
+      if step < total_steps and watcher.should_stop():
+        if last_saved != step:
+          save(step)
+        checkpointer.wait()
+        logging.warning("Preempted: checkpoint of step %d is on disk; rerun to resume.", step)
+        return {"step": step, "preempted": True}
+    flush()
+    if last_saved != step:
+      save(step)
+    results = run_eval(step)
+    checkpointer.wait()
+    if is_main:
+      _write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
+    return {**results, "preempted": False}
+  finally:
+    watcher.close()

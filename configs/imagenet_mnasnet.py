@@ -1,0 +1,57 @@
+"""ImageNet MnasNet-A1 with and without attention augmentation (PAPER.md Table 4).
+
+Arg: ``mnasnet_<width>`` or ``aa_mnasnet_<width>``, width in 0.75 | 1.0 | 1.25 | 1.4.
+
+Command (imagenet2012 prepared as ArrayRecord, see README "Data"):
+  python train.py --config=configs/imagenet_mnasnet.py:aa_mnasnet_1.0 --workdir=/tmp/aa_mnas
+
+Recipe (PAPER.md section 3, all [unsure]): the MnasNet recipe: RMSProp (decay 0.9, momentum
+0.9, eps 1e-3), 350 epochs, LR 0.016 x B/256 with 5 warm-up epochs then staircase exponential
+decay 0.97 every 2.4 epochs, weight decay 1e-5, label smoothing 0.1, Inception crops, bf16.
+Augmented nets use half the peak LR, with the decay rate raised so that the final LR equals
+the baseline's.
+Expected ImageNet top-1 / top-5 (Table 4, all [unsure]): 0.75: 73.3 / 91.3 -> AA 73.9 / 91.6;
+1.0: 75.2 / 92.4 -> AA 75.7 / 92.6; 1.25: 76.7 / 93.2 -> AA 77.2 / 93.6; 1.4: 77.2 / 93.5 ->
+AA 77.7 / 93.8.
+"""
+
+import math
+
+from aa_flax.config_utils import base_config
+
+WIDTHS = ("0.75", "1.0", "1.25", "1.4")
+MODELS = tuple(f"{prefix}mnasnet_{width}" for prefix in ("", "aa_") for width in WIDTHS)
+EPOCHS, WARMUP_EPOCHS, DECAY_EPOCHS, DECAY_RATE = 350.0, 5.0, 2.4, 0.97
+
+
+def get_config(arg: str = "aa_mnasnet_1.0"):
+  if arg not in MODELS:
+    raise ValueError(f"configs/imagenet_mnasnet.py arg {arg!r}: valid: {', '.join(MODELS)}.")
+  augmented = arg.startswith("aa_")
+  config = base_config()
+  config.model.name = arg
+  config.data.name = "imagenet2012"
+  config.data.image_size = 224
+  config.data.augment = "inception"
+  config.data.num_threads = 16
+  config.batch_size = 1024
+  config.eval_batch_size = 1024
+  config.num_epochs = EPOCHS
+  config.half_precision = True
+  config.label_smoothing = 0.1
+  config.optimizer.name = "rmsprop"
+  config.optimizer.momentum = 0.9
+  config.optimizer.rmsprop_decay = 0.9
+  config.optimizer.rmsprop_eps = 1e-3
+  config.optimizer.base_learning_rate = 0.016 * (0.5 if augmented else 1.0)
+  config.optimizer.warmup_epochs = WARMUP_EPOCHS
+  config.optimizer.schedule = "exponential"
+  config.optimizer.decay_epochs = DECAY_EPOCHS
+  num_decays = math.floor((EPOCHS - WARMUP_EPOCHS) / DECAY_EPOCHS)
+  # Half the peak LR, same final LR: rate' ** n = 2 * rate ** n.
+  config.optimizer.decay_rate = DECAY_RATE * (2.0 ** (1.0 / num_decays) if augmented else 1.0)
+  config.optimizer.weight_decay = 1e-5
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.eval_every_steps = 12_510
+  return config
