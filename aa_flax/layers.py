@@ -176,7 +176,7 @@ class AAConv(nn.Module):
       existing = self.get_variable("params", name)
       if existing.shape != shape:
         raise ValueError(
-            f"AAConv {self.name!r}: the attention input is {length} along the axis of "
+            f"AAConv at {'/'.join(self.scope.path) or '(top level)'}: the attention input is {length} along the axis of "
             f"{name}, which needs a table of shape {shape}, but the parameters hold "
             f"{existing.shape}. Relative tables are sized at init from the spatial size "
             f"attention sees; use the image size the model was created with.")

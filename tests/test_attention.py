@@ -6,33 +6,7 @@ import numpy as np
 import pytest
 
 from aa_flax import attention
-
-
-def brute_force_relative_logits(q, rel_h, rel_w):
-  """Loop over every (query, key) pair: PAPER.md section 1, key minus query offsets."""
-  batch, heads, height, width, _ = q.shape
-  out = np.zeros((batch, heads, height * width, height * width), np.float64)
-  for y in range(height):
-    for x in range(width):
-      for y2 in range(height):
-        for x2 in range(width):
-          out[:, :, y * width + x, y2 * width + x2] = (
-              q[:, :, y, x] @ rel_w[x2 - x + width - 1] + q[:, :, y, x] @ rel_h[y2 - y + height - 1])
-  return out
-
-
-def naive_attention(q, k, v, rel_h=None, rel_w=None):
-  """softmax(QKᵀ + S_H + S_W) V per head in float64 NumPy; q is already scaled."""
-  batch, heads, height, width, depth = q.shape
-  flat = lambda t: t.reshape(batch, heads, height * width, -1).astype(np.float64)
-  logits = np.einsum("bnqd,bnkd->bnqk", flat(q), flat(k))
-  if rel_h is not None:
-    logits = logits + brute_force_relative_logits(q.astype(np.float64), rel_h, rel_w)
-  logits = logits - logits.max(-1, keepdims=True)
-  weights = np.exp(logits)
-  weights /= weights.sum(-1, keepdims=True)
-  out = np.einsum("bnqk,bnkd->bnqd", weights, flat(v))
-  return out.reshape(batch, heads, height, width, -1), weights
+from naive_reference import brute_force_relative_logits, naive_attention
 
 
 def random_inputs(seed, batch=2, heads=3, height=4, width=7, key_depth=5, value_depth=6):
