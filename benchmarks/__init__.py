@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (run as ``python -m benchmarks.<name>`` from the repo root)."""

@@ -1,0 +1,253 @@
+"""Speed and compiled memory of 2D multi-head attention, per implementation.
+
+Methods (all compute ``softmax(QKᵀ [+ S_H + S_W]) V`` with a float32 softmax):
+
+* ``plain``  — XLA, no relative logits (the lower bound for the XLA path);
+* ``gather`` — XLA, relative logits in the gather form (``aa_flax.attention``);
+* ``skew``   — XLA, relative logits in the paper's rel_to_abs (skew) form;
+* ``naive``  — XLA, an explicit ``[HW, HW, d]`` table of summed embeddings contracted with q
+  (what the paper's memory-efficient form avoids); only up to ``--naive-max-hw`` positions;
+* ``fused``  — the Pallas kernel (``aa_flax.kernels.relative_attention``); compiled on GPU,
+  Pallas *interpret mode* on CPU, where its times say nothing about the GPU kernel;
+* ``fused_plain`` — the Pallas kernel without relative tables.
+
+Suites:
+
+* ``sizes``: the paper's feature sizes (default 7, 14, 28, 56) with N_h = 8 and the depths of
+  the AA-ResNet-50 layer at that size (κ = 0.2, υ = 0.1, d_k^h ≥ 20: d_k^h = 20 everywhere).
+* ``aa_resnet50``: AA-ResNet-50's 13 augmented layers at 224 px (4 × 14×14 after the 28×28
+  stage's pooling, 6 × 14×14, 3 × 7×7), timed per distinct layer and summed.
+
+For each case: forward time, forward+backward time (gradients of q, k, v and the tables), and
+the compiled temporary / peak memory of both (``compiled.memory_analysis()``).
+
+Example (CPU, the numbers in docs/PERFORMANCE.md):
+  python -m benchmarks.bench_attention --batch 1 --dtypes float32 --name attention_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aa_flax import attention, layers
+from aa_flax.kernels import relative_attention
+from benchmarks import common
+
+METHODS = ("plain", "gather", "skew", "naive", "fused", "fused_plain")
+RELATIVE_METHODS = ("gather", "skew", "naive", "fused")
+# Width of the augmented 3x3 conv of AA-ResNet-50 at each feature size (224 px input).
+RESNET50_FILTERS = {56: 64, 28: 128, 14: 256, 7: 512}
+COLUMNS = ("case", "method", "dtype", "batch", "HxW", "d_k^h", "d_v^h", "fwd_ms", "fwd_bwd_ms",
+           "fwd_temp_mib", "fwd_bwd_temp_mib", "fwd_bwd_peak_mib", "compile_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One attention shape: ``count`` identical layers of ``[B, N, H, W, d]`` attention."""
+  name: str
+  height: int
+  width: int
+  heads: int
+  key_depth: int  # per head
+  value_depth: int  # per head
+  count: int = 1
+
+
+def resnet50_case(name: str, size: int, filters: int, count: int = 1, heads: int = 8) -> Case:
+  """An AA-ResNet-50 layer (κ=0.2, υ=0.1) with ``filters`` outputs attending over
+  ``size x size``; depths resolved exactly as AAConv resolves them."""
+  depths = layers.attention_depths(filters, 0.2, 0.1, heads)
+  return Case(name, size, size, heads, depths.key_per_head, depths.value_per_head, count)
+
+
+def suite_cases(suite: str, sizes) -> list[Case]:
+  if suite == "sizes":
+    return [resnet50_case(f"{s}x{s}", s, RESNET50_FILTERS[s]) for s in sizes]
+  if suite == "aa_resnet50":
+    # 224 px: stage 2 (28x28, 4 blocks, 128 filters) pools its attention input to 14x14;
+    # stage 3 (14x14, 6 blocks, 256 filters); stage 4 (7x7, 3 blocks, 512 filters).
+    return [resnet50_case("stage2_pooled", 14, 128, count=4),
+            resnet50_case("stage3", 14, 256, count=6),
+            resnet50_case("stage4", 7, 512, count=3)]
+  raise ValueError(f"suite {suite!r} is not one of ('sizes', 'aa_resnet50')")
+
+
+def naive_relative_attention(q, k, v, rel_h, rel_w):
+  """Relative attention through an explicit ``[HW, HW, d]`` embedding table.
+
+  q, k ``[B, N, H, W, d]``, v ``[B, N, H, W, d_v]``; tables ``[2H-1, d]``, ``[2W-1, d]``.
+  Embedding of (query i, key j) = ``rel_h[y_j - y_i + H - 1] + rel_w[x_j - x_i + W - 1]``.
+  """
+  batch, heads, height, width, depth = q.shape
+  length = height * width
+  ys, xs = np.divmod(np.arange(length), width)
+  emb = (rel_h[ys[None, :] - ys[:, None] + height - 1]
+         + rel_w[xs[None, :] - xs[:, None] + width - 1])  # [HW, HW, d]
+  qf = q.reshape(batch, heads, length, depth)
+  kf = k.reshape(batch, heads, length, depth)
+  logits = (jnp.einsum("bnqd,bnkd->bnqk", qf, kf, preferred_element_type=jnp.float32)
+            + jnp.einsum("bnqd,qkd->bnqk", qf, emb, preferred_element_type=jnp.float32))
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bnqk,bnkd->bnqd", weights, v.reshape(batch, heads, length, -1),
+                   preferred_element_type=jnp.float32)
+  return out.astype(v.dtype).reshape(batch, heads, height, width, -1)
+
+
+def attention_function(method: str) -> tuple[Callable, bool]:
+  """``(fn(q, k, v, rel_h, rel_w) -> out, uses_tables)`` for a method name."""
+  if method == "plain":
+    return lambda q, k, v, rh, rw: attention.multihead_attention_2d(q, k, v), False
+  if method in ("gather", "skew"):
+    return (lambda q, k, v, rh, rw: attention.multihead_attention_2d(
+        q, k, v, rh, rw, relative_method=method)), True
+  if method == "naive":
+    return naive_relative_attention, True
+  if method == "fused":
+    return relative_attention.multihead_attention_2d, True
+  if method == "fused_plain":
+    return lambda q, k, v, rh, rw: relative_attention.multihead_attention_2d(q, k, v), False
+  raise ValueError(f"method {method!r} is not one of {METHODS}")
+
+
+def make_inputs(case: Case, batch: int, dtype, seed: int = 0):
+  keys = jax.random.split(jax.random.key(seed), 6)
+  shape = (batch, case.heads, case.height, case.width)
+  q = jax.random.normal(keys[0], shape + (case.key_depth,), dtype) * case.key_depth ** -0.5
+  k = jax.random.normal(keys[1], shape + (case.key_depth,), dtype)
+  v = jax.random.normal(keys[2], shape + (case.value_depth,), dtype)
+  rel_h = jax.random.normal(keys[3], (2 * case.height - 1, case.key_depth), dtype)
+  rel_w = jax.random.normal(keys[4], (2 * case.width - 1, case.key_depth), dtype)
+  cotangent = jax.random.normal(keys[5], shape + (case.value_depth,), jnp.float32)
+  return (q, k, v, rel_h, rel_w), cotangent
+
+
+def measure(case: Case, method: str, batch: int, dtype, reps: int,
+            time_it: bool = True) -> dict:
+  """Times and memory of one (case, method, dtype); times in ms, memory in MiB."""
+  fn, uses_tables = attention_function(method)
+  args, cotangent = make_inputs(case, batch, dtype)
+  argnums = (0, 1, 2, 3, 4) if uses_tables else (0, 1, 2)
+
+  def loss(*a):
+    return jnp.sum(fn(*a).astype(jnp.float32) * cotangent)
+
+  start = time.perf_counter()
+  forward = jax.jit(fn).lower(*args).compile()
+  train = jax.jit(jax.value_and_grad(loss, argnums)).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  fwd_mem, train_mem = common.compiled_memory(forward), common.compiled_memory(train)
+  row = {
+      "case": case.name, "method": method + ("-interpret" if method.startswith("fused") and
+                                             relative_attention.resolve_interpret(None) else ""),
+      "dtype": jnp.dtype(dtype).name, "batch": batch, "HxW": f"{case.height}x{case.width}",
+      "d_k^h": case.key_depth, "d_v^h": case.value_depth, "count": case.count,
+      "fwd_temp_mib": fwd_mem["temp_mib"], "fwd_bwd_temp_mib": train_mem["temp_mib"],
+      "fwd_bwd_peak_mib": train_mem["peak_mib"], "compile_s": compile_s,
+      "fwd_ms": None, "fwd_bwd_ms": None,
+  }
+  if time_it:
+    row["fwd_ms"] = 1e3 * common.median_seconds(
+        lambda: jax.block_until_ready(forward(*args)), reps)
+    row["fwd_bwd_ms"] = 1e3 * common.median_seconds(
+        lambda: jax.block_until_ready(train(*args)), reps)
+  return row
+
+
+def relative_overheads(rows: list[dict]) -> list[dict]:
+  """Per (case, dtype): each relative method's fwd+bwd temp memory and time / plain's."""
+  plain = {(r["case"], r["dtype"]): r for r in rows if r["method"] == "plain"}
+  out = []
+  for r in rows:
+    base = plain.get((r["case"], r["dtype"]))
+    if base is None or r["method"] == "plain":
+      continue
+    ratio = {"case": r["case"], "dtype": r["dtype"], "method": r["method"],
+             "temp_vs_plain": r["fwd_bwd_temp_mib"] / max(base["fwd_bwd_temp_mib"], 1e-9)}
+    if r["fwd_bwd_ms"] is not None and base["fwd_bwd_ms"]:
+      ratio["time_vs_plain"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
+    out.append(ratio)
+  return out
+
+
+def suite_totals(rows: list[dict]) -> list[dict]:
+  """Sum over layers (count x per-layer value) per (method, dtype)."""
+  totals: dict[tuple, dict] = {}
+  for r in rows:
+    t = totals.setdefault((r["method"], r["dtype"]), {
+        "method": r["method"], "dtype": r["dtype"], "layers": 0, "fwd_ms": 0.0,
+        "fwd_bwd_ms": 0.0})
+    t["layers"] += r["count"]
+    for key in ("fwd_ms", "fwd_bwd_ms"):
+      t[key] = None if r[key] is None or t[key] is None else t[key] + r["count"] * r[key]
+  return list(totals.values())
+
+
+def run(suite: str = "sizes", sizes=(7, 14, 28, 56), batch: int = 8,
+        dtypes=("float32", "bfloat16"), methods=METHODS, naive_max_hw: int = 196,
+        fused_max_hw: Optional[int] = None, reps: int = 5, time_it: bool = True,
+        name: str = "bench_attention", out_dir: str = common.RESULTS_DIR) -> list[dict]:
+  """Measures every (case, dtype, method); saves and prints; returns the rows."""
+  env = common.environment()
+  rows = []
+  for case in suite_cases(suite, sizes):
+    length = case.height * case.width
+    for dtype in dtypes:
+      for method in methods:
+        if method == "naive" and length > naive_max_hw:
+          continue
+        if method.startswith("fused") and fused_max_hw is not None and length > fused_max_hw:
+          continue
+        rows.append(measure(case, method, batch, jnp.dtype(dtype), reps, time_it))
+        print({k: rows[-1][k] for k in ("case", "method", "dtype", "fwd_ms", "fwd_bwd_ms",
+                                        "fwd_bwd_temp_mib")}, flush=True)
+  extra = {"relative_vs_plain": relative_overheads(rows)}
+  if suite == "aa_resnet50":
+    extra["totals"] = suite_totals(rows)
+  common.save_results(name, rows, COLUMNS, env, out_dir, extra)
+  print("\nrelative vs plain (fwd+bwd):")
+  print(common.markdown_table(extra["relative_vs_plain"],
+                              ("case", "dtype", "method", "temp_vs_plain", "time_vs_plain")))
+  if "totals" in extra:
+    print("\nsum over AA-ResNet-50's augmented layers:")
+    print(common.markdown_table(extra["totals"],
+                                ("method", "dtype", "layers", "fwd_ms", "fwd_bwd_ms")))
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--suite", default="sizes", choices=("sizes", "aa_resnet50"))
+  parser.add_argument("--sizes", default="7,14,28,56",
+                      help=f"feature sizes of the 'sizes' suite, from {sorted(RESNET50_FILTERS)}")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--naive-max-hw", type=int, default=196)
+  parser.add_argument("--fused-max-hw", type=int, default=None)
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--memory-only", action="store_true", help="compile, do not time")
+  parser.add_argument("--name", default="bench_attention")
+  parser.add_argument("--out-dir", default=common.RESULTS_DIR)
+  args = parser.parse_args(argv)
+  sizes = tuple(int(s) for s in args.sizes.split(","))
+  bad = [s for s in sizes if s not in RESNET50_FILTERS]
+  if bad:
+    parser.error(f"--sizes {bad} not in {sorted(RESNET50_FILTERS)}")
+  methods = tuple(args.methods.split(","))
+  bad = [m for m in methods if m not in METHODS]
+  if bad:
+    parser.error(f"--methods {bad} not in {METHODS}")
+  run(args.suite, sizes, args.batch, tuple(args.dtypes.split(",")), methods,
+      args.naive_max_hw, args.fused_max_hw, args.reps, not args.memory_only, args.name,
+      args.out_dir)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,111 @@
+"""Shared helpers of the benchmarks: environment, timing, compiled memory, result files.
+
+Benchmarks print and save; they never assert. Results go to ``benchmarks/results/`` (git
+ignored) as ``<name>.json`` (machine readable, with the environment and the command) and
+``<name>.md`` (the table that docs/PERFORMANCE.md quotes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MIB = 2.0 ** 20
+
+
+def environment() -> dict[str, Any]:
+  """Device, software versions and the exact command line of this run."""
+  import flax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()
+  return {
+      "command": " ".join([os.path.basename(sys.executable), "-m",
+                           _module_name(), *sys.argv[1:]]),
+      "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+      "backend": jax.default_backend(),
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+      "cpu_count": os.cpu_count(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+  }
+
+
+def _module_name() -> str:
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  return spec.name if spec is not None else os.path.relpath(sys.argv[0])
+
+
+def _jaxlib_version() -> str:
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  return jaxlib.__version__
+
+
+def median_seconds(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
+  """Median wall time of ``fn()`` (which must block on its result) over ``reps`` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def compiled_memory(compiled) -> dict[str, float]:
+  """Memory XLA planned for a compiled program, in MiB.
+
+  ``temp``: scratch buffers live inside the program (activations saved for the backward,
+  logits, ...); ``peak``: arguments + outputs + temp - aliased (donated) bytes, an upper
+  bound of what the program holds at once.
+  """
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {"temp_mib": float("nan"), "peak_mib": float("nan")}
+  temp = analysis.temp_size_in_bytes
+  peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + temp
+          - analysis.alias_size_in_bytes)
+  return {"temp_mib": temp / MIB, "peak_mib": peak / MIB}
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  """Rows of dicts -> a markdown table over ``columns`` (floats to 4 significant digits)."""
+  def fmt(value):
+    if isinstance(value, float):
+      return f"{value:.4g}"
+    return "" if value is None else str(value)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def save_results(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                 env: dict[str, Any], out_dir: str = RESULTS_DIR, extra: Any = None) -> str:
+  """Writes ``<out_dir>/<name>.json`` and ``.md``, prints the table; returns the md path."""
+  os.makedirs(out_dir, exist_ok=True)
+  table = markdown_table(rows, columns)
+  header = (f"`{env['command']}`\n\n{env['device_count']} x {env['device_kind']} "
+            f"({env['backend']}), jax {env['jax']}, flax {env['flax']}, {env['utc']} UTC\n")
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump({"environment": env, "rows": list(rows), "extra": extra}, f, indent=1,
+              default=str)
+  md_path = os.path.join(out_dir, f"{name}.md")
+  with open(md_path, "w") as f:
+    f.write(header + "\n" + table + "\n")
+  print(header)
+  print(table, flush=True)
+  return md_path
