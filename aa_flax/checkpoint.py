@@ -46,6 +46,12 @@ class Checkpointer:
   def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool = True):
     import orbax.checkpoint as ocp
     self._ocp = ocp
+    if jax.default_backend() == "cpu":
+      # Replica-parallel saving slices each replicated array once per device and compiles a
+      # slice per (shape, device): ~0.07 s each on CPU, i.e. seconds to minutes at the first
+      # save of a state over simulated devices. CPU devices share one disk, so nothing is lost.
+      ocp.type_handlers.register_type_handler(
+          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     self.workdir = os.path.abspath(workdir)
     options = ocp.CheckpointManagerOptions(

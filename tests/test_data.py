@@ -1,0 +1,231 @@
+"""Data sources, preprocessing and grain pipelines (no training)."""
+
+import collections
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from aa_flax.config_utils import base_config
+from aa_flax.data import InputPipeline, load_npz_files, load_splits
+from aa_flax.data import preprocess
+from aa_flax.data.sources import ArraySource, DatasetSplits
+from aa_flax.errors import ConfigError, DataError, DatasetNotFoundError
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _data_config(**kwargs) -> ml_collections.ConfigDict:
+  config = base_config().data
+  for key, value in kwargs.items():
+    config[key] = value
+  return config
+
+
+def _splits(num_train: int, num_eval: int, shape=(6, 5, 2), num_classes=None) -> DatasetSplits:
+  """Labels are the example index, so a batch tells exactly which examples it holds."""
+  def arrays(n, offset):
+    images = (np.arange(n * np.prod(shape)) % 251).astype(np.uint8).reshape(n, *shape)
+    return ArraySource(images, np.arange(offset, offset + n, dtype=np.int32))
+  return DatasetSplits(name="test", train=arrays(num_train, 0), eval=arrays(num_eval, 0),
+                       num_classes=num_classes or max(num_train, num_eval),
+                       image_shape=shape, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1])
+
+
+def _write_npz(path, images, labels):
+  np.savez(path, images=images, labels=labels)
+  return str(path)
+
+
+def test_digits_split_is_fixed_and_stratified():
+  splits = load_splits(_data_config(name="digits"), seed=0)
+  assert (len(splits.train), len(splits.eval)) == (1437, 360)
+  assert splits.num_classes == 10 and splits.image_shape == (8, 8, 1)
+  eval_counts = collections.Counter(splits.eval.labels.tolist())
+  assert min(eval_counts.values()) >= 35 and max(eval_counts.values()) <= 37  # stratified
+  assert splits.train.images.dtype == np.uint8 and splits.train.images.max() == 255
+  again = load_splits(_data_config(name="digits"), seed=123)  # the split ignores the seed
+  np.testing.assert_array_equal(again.eval.labels, splits.eval.labels)
+
+
+def test_npz_concatenates_globs_and_infers_classes(tmp_path):
+  rng = np.random.default_rng(0)
+  for part in range(2):
+    _write_npz(tmp_path / f"train_{part}.npz", rng.integers(0, 256, (5, 7, 9, 3), np.uint8),
+               np.array([0, 1, 2, 3, 6 * part], np.int64))
+  _write_npz(tmp_path / "eval.npz", rng.integers(0, 256, (4, 7, 9, 3), np.uint8),
+             np.array([0, 1, 2, 3]))
+  config = _data_config(name="npz", train_files=f"{tmp_path}/train_*.npz",
+                        eval_files=str(tmp_path / "eval.npz"))
+  splits = load_splits(config, seed=0)
+  assert len(splits.train) == 10 and len(splits.eval) == 4
+  assert splits.num_classes == 7 and splits.image_shape == (7, 9, 3)
+  assert splits.train.labels.dtype == np.int32
+  flat = splits.train.images.reshape(-1, 3) / 255.0
+  np.testing.assert_allclose(splits.mean, flat.mean(0), rtol=1e-6)
+  config.num_classes = 6
+  with pytest.raises(DataError, match="label 6 is out of range for num_classes=6"):
+    load_splits(config, seed=0)
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (np.zeros((4, 8, 8, 3), np.float32), np.zeros(4, np.int32), "dtype float32; expected uint8"),
+    (np.zeros((4, 8, 8), np.uint8), np.zeros(4, np.int32), r"rank 3.*images\[..., None\]"),
+    (np.zeros((0, 8, 8, 3), np.uint8), np.zeros(0, np.int32), "no dimension may be empty"),
+    (np.zeros((4, 8, 8, 3), np.uint8), np.zeros(3, np.int32), r"labels have shape \(3,\)"),
+    (np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.float32), "labels have dtype float32"),
+    (np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, -1, 2]), "label -1 is negative"),
+])
+def test_npz_malformed_arrays_raise_clear_errors(tmp_path, images, labels, message):
+  path = _write_npz(tmp_path / "bad.npz", images, labels)
+  with pytest.raises(DataError, match=message) as error:
+    load_npz_files(path)
+  assert "bad.npz" in str(error.value)
+
+
+def test_npz_missing_keys_unreadable_and_unmatched_files(tmp_path):
+  np.savez(tmp_path / "keys.npz", x=np.zeros((2, 4, 4, 1), np.uint8))
+  with pytest.raises(DataError, match=r"missing array\(s\) \['images', 'labels'\]"):
+    load_npz_files(str(tmp_path / "keys.npz"))
+  (tmp_path / "empty.npz").write_bytes(b"")
+  with pytest.raises(DataError, match="cannot be read as an .npz archive"):
+    load_npz_files(str(tmp_path / "empty.npz"))
+  (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
+  with pytest.raises(DataError, match="cannot be read"):
+    load_npz_files(str(tmp_path / "junk.npz"))
+  with pytest.raises(DataError, match="no file matches"):
+    load_npz_files(str(tmp_path / "nothing_*.npz"))
+  with pytest.raises(ConfigError, match="is empty"):
+    load_npz_files(" , ", "config.data.train_files")
+  _write_npz(tmp_path / "a.npz", np.zeros((2, 4, 4, 1), np.uint8), np.zeros(2, np.int32))
+  _write_npz(tmp_path / "b.npz", np.zeros((2, 5, 4, 1), np.uint8), np.zeros(2, np.int32))
+  with pytest.raises(DataError, match="all files of a split must agree"):
+    load_npz_files(f"{tmp_path}/a.npz,{tmp_path}/b.npz")
+
+
+def test_unknown_dataset_lists_valid_names():
+  with pytest.raises(ConfigError, match="Unknown dataset config.data.name='imagenet'.*digits"):
+    load_splits(_data_config(name="imagenet"), seed=0)
+
+
+def test_missing_imagenet_gives_instructions(tmp_path):
+  config = _data_config(name="imagenet2012", tfds_data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(DatasetNotFoundError) as error:
+    load_splits(config, seed=0)
+  message = str(error.value)
+  assert "ILSVRC2012_img_train.tar" in message and "downloads/manual" in message
+  assert "tfds build imagenet2012" in message and "--file_format=array_record" in message
+  assert not (tmp_path / "tfds").exists()  # nothing written
+
+
+def test_preprocess_shapes_and_determinism():
+  rng_image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8)
+  for augment in preprocess.AUGMENTATIONS:
+    train = preprocess.train_transform(augment, (24, 20))
+    first = train({"image": rng_image, "label": 3}, np.random.default_rng(7))
+    second = train({"image": rng_image, "label": 3}, np.random.default_rng(7))
+    assert first["image"].shape == (24, 20, 3) and first["image"].dtype == np.uint8
+    np.testing.assert_array_equal(first["image"], second["image"])
+    evaluated = preprocess.eval_transform(augment, (24, 20))({"image": rng_image, "label": 3})
+    assert evaluated["image"].shape == (24, 20, 3) and evaluated["label"] == 3
+  with pytest.raises(ConfigError, match="Unknown config.data.augment='cutout'.*inception"):
+    preprocess.train_transform("cutout", (8, 8))
+
+
+def test_cifar_crop_is_a_shifted_window_and_inception_box_is_valid():
+  image = np.arange(8 * 8, dtype=np.uint8).reshape(8, 8, 1)
+  crop = preprocess.pad_random_crop(image, np.random.default_rng(3), (8, 8))
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+  assert any(np.array_equal(crop, padded[t:t + 8, l:l + 8]) for t in range(9) for l in range(9))
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    top, left, height, width = preprocess.inception_crop_box(50, 80, rng)
+    assert 0 <= top and top + height <= 50 and 0 <= left and left + width <= 80
+    assert height * width >= 0.08 * 50 * 80 * 0.9
+
+
+def test_train_stream_is_deterministic_and_process_shards_partition_it():
+  splits = _splits(num_train=20, num_eval=4)
+  single = InputPipeline(splits, global_batch_size=8, eval_global_batch_size=4,
+                         image_size=(6, 5), augment="flip", seed=3)
+  batches = [single.train_dataset()[b] for b in range(6)]  # 48 = 2.4 epochs
+  stream = np.concatenate([b["label"] for b in batches])
+  for epoch in range(2):
+    assert sorted(stream[20 * epoch:20 * (epoch + 1)]) == list(range(20))
+  assert not np.array_equal(stream[:20], stream[20:40])  # reshuffled each epoch
+  shards = [InputPipeline(splits, global_batch_size=8, eval_global_batch_size=4,
+                          image_size=(6, 5), augment="flip", seed=3, process_index=p,
+                          process_count=2).train_dataset() for p in range(2)]
+  for b in range(6):
+    union = np.concatenate([shards[p][b]["label"] for p in range(2)])
+    assert sorted(union) == sorted(batches[b]["label"])
+    images = {int(l): im for p in range(2) for l, im in zip(shards[p][b]["label"],
+                                                             shards[p][b]["image"])}
+    for label, image in zip(batches[b]["label"], batches[b]["image"]):
+      np.testing.assert_array_equal(images[int(label)], image)  # same flips on any layout
+
+
+def test_train_iterator_state_resumes_exactly():
+  pipeline = InputPipeline(_splits(num_train=13, num_eval=4), global_batch_size=4,
+                           eval_global_batch_size=4, image_size=(6, 5), augment="flip", seed=1)
+  iterator = pipeline.train_iterator()
+  for _ in range(5):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(4)]
+  resumed = pipeline.train_iterator(state)
+  for want in expected:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["label"], want["label"])
+    np.testing.assert_array_equal(got["image"], want["image"])
+
+
+@pytest.mark.parametrize("num_eval, global_batch, processes", [
+    (10, 4, 1), (10, 4, 2), (7, 8, 4), (3, 6, 3), (16, 8, 2), (1, 4, 2)])
+def test_eval_counts_every_example_exactly_once(num_eval, global_batch, processes):
+  splits = _splits(num_train=4, num_eval=num_eval)
+  seen = []
+  batch_counts = set()
+  for process in range(processes):
+    pipeline = InputPipeline(splits, global_batch_size=global_batch,
+                             eval_global_batch_size=global_batch, image_size=(6, 5),
+                             augment="none", seed=0, process_index=process,
+                             process_count=processes)
+    batches = list(pipeline.eval_batches())
+    batch_counts.add(len(batches))
+    for batch in batches:
+      assert batch["image"].shape == (global_batch // processes, 6, 5, 2)
+      seen.extend(batch["label"][batch["mask"] > 0].tolist())
+  assert len(batch_counts) == 1  # every process runs the same number of eval steps
+  assert sorted(seen) == list(range(num_eval))
+
+
+def _tfds_pipeline(name, image_size, augment):
+  import tensorflow_datasets as tfds
+  config = _data_config(name=name, image_size=image_size, augment=augment)
+  with tfds.testing.mock_data(num_examples=10):
+    splits = load_splits(config, seed=0)
+    pipeline = InputPipeline(splits, global_batch_size=4, eval_global_batch_size=4,
+                             image_size=(image_size, image_size), augment=augment, seed=0)
+    return splits, next(pipeline.train_iterator()), list(pipeline.eval_batches())
+
+
+@pytest.mark.parametrize("name, size, augment, classes", [
+    ("cifar10", 32, "cifar", 10), ("cifar100", 32, "cifar", 100),
+    ("imagenet2012", 24, "inception", 1000)])
+def test_tfds_pipelines_under_mock_data(name, size, augment, classes):
+  splits, train_batch, eval_batches = _tfds_pipeline(name, size, augment)
+  assert splits.num_classes == classes and len(splits.train) == 10
+  assert train_batch["image"].shape == (4, size, size, 3)
+  assert train_batch["image"].dtype == np.uint8 and train_batch["label"].dtype == np.int32
+  assert len(eval_batches) == 3 and sum(b["mask"].sum() for b in eval_batches) == 10
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
+def test_shared_cifar_npz_loads():
+  splits = load_splits(_data_config(name="npz",
+                                    train_files=str(SHARED_DATA / "cifar10_train_part*.npz"),
+                                    eval_files=str(SHARED_DATA / "cifar10_test.npz")), seed=0)
+  assert (len(splits.train), len(splits.eval), splits.num_classes) == (50_000, 10_000, 10)
+  np.testing.assert_allclose(splits.mean, (0.4913, 0.4821, 0.4465), atol=2e-3)
