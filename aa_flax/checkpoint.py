@@ -197,3 +197,18 @@ def check_workdir(workdir: str, required_bytes: int) -> None:
         f"Workdir {workdir} has {free / 2**20:.1f} MiB free but the checkpoints need about "
         f"{required_bytes / 2**20:.1f} MiB (config.keep_checkpoints + 1 copies of the train "
         "state). Free space, choose another --workdir or lower keep_checkpoints.")
+
+
+def read_state_arrays(step_dir: str) -> dict[str, Any]:
+  """The train state of checkpoint ``<workdir>/checkpoints/<step>`` as nested numpy arrays.
+
+  For inspection and comparisons (no model or mesh needed): ``{'step', 'params',
+  'batch_stats', 'opt_state'}``.
+  """
+  import numpy as np
+  import orbax.checkpoint as ocp
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return checkpointer.restore(os.path.join(step_dir, "state"),
+                                args=ocp.args.PyTreeRestore(restore_args=restore_args))

@@ -96,7 +96,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "loss": loss,
         "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
         "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree_utils.tree_l2_norm(grads),
         "finite": finite.astype(jnp.float32),
     }
     return new_state, metrics

@@ -30,8 +30,8 @@ def get_config(arg: str = "aa_wrn28_10"):
   model, _, dataset = arg.partition(",")
   dataset = dataset or "cifar100"
   if model not in MODELS or dataset not in DATASETS:
-    raise ValueError(f"configs/cifar.py arg {arg!r}: expected <model>[,<dataset>] with model in "
-                     f"{MODELS} and dataset in {DATASETS}.")
+    raise ValueError(f"configs/cifar.py arg {arg!r}: expected <model>[,<dataset>]; valid models "
+                     f"{MODELS}, valid datasets {DATASETS}.")
   augmented = model == "aa_wrn28_10"
   config = base_config()
   config.model.name = model

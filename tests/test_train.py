@@ -1,0 +1,268 @@
+"""Training system end to end: train_and_evaluate, sharding, multi-process, resume, errors."""
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import aa_flax
+from aa_flax import optim, parallel, trainer
+from aa_flax.config_utils import base_config
+from aa_flax.errors import ConfigError
+from test_train_support import (REPO_ROOT, SHARED_DATA, assert_trees_equal, final_state,
+                                read_json, read_jsonl, run_train_py, subprocess_env,
+                                tiny_config)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  """One uninterrupted 12-step run of the tiny config on digits (8 devices)."""
+  workdir = tmp_path_factory.mktemp("digits")
+  result = aa_flax.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir, result
+
+
+def test_digits_end_to_end(digits_run):
+  workdir, result = digits_run
+  results = read_json(workdir / "eval_results.json")
+  assert set(results) == {"step", "top1", "top5", "loss", "num_examples"}
+  assert results["step"] == 12 and results["num_examples"] == 360
+  assert 0.0 <= results["top1"] <= results["top5"] <= 1.0
+  assert results == {k: result[k] for k in results} and result["preempted"] is False
+  # Digits counts are exact fractions of 360.
+  assert abs(results["top1"] * 360 - round(results["top1"] * 360)) < 1e-9
+  records = read_jsonl(workdir / "metrics.jsonl")
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == [3, 6, 9, 12]
+  assert train[-1]["loss"] < train[0]["loss"] - 0.1  # loss falls
+  assert all(np.isfinite(r["loss"]) and r["learning_rate"] > 0 for r in train)
+  assert [r for r in records if r["split"] == "eval"][-1]["top1"] == results["top1"]
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert read_json(workdir / "config.json")["model"]["name"] == "aa_resnet_tiny"
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12", "6"]
+
+
+def test_eval_only_reproduces_final_eval(digits_run, tmp_path):
+  workdir, result = digits_run
+  config = tiny_config(eval_only=True, checkpoint_path=str(workdir / "checkpoints" / "12"))
+  evaluated = aa_flax.train_and_evaluate(config, str(tmp_path))
+  assert {k: evaluated[k] for k in ("step", "top1", "top5", "loss", "num_examples")} == \
+      {k: result[k] for k in ("step", "top1", "top5", "loss", "num_examples")}
+  assert read_json(tmp_path / "eval_results.json")["top1"] == result["top1"]
+
+
+def test_resume_from_middle_checkpoint_matches_uninterrupted(digits_run, tmp_path):
+  workdir, result = digits_run
+  resumed_dir = tmp_path / "resumed"
+  shutil.copytree(workdir, resumed_dir)
+  shutil.rmtree(resumed_dir / "checkpoints" / "12")  # as if killed between steps 6 and 12
+  (resumed_dir / "eval_results.json").unlink()
+  resumed = aa_flax.train_and_evaluate(tiny_config(), str(resumed_dir))
+  assert resumed == result
+  assert_trees_equal(final_state(resumed_dir), final_state(workdir))
+  assert read_jsonl(resumed_dir / "metrics.jsonl") == read_jsonl(workdir / "metrics.jsonl")
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
+def test_npz_end_to_end_with_padded_eval(tmp_path):
+  config = tiny_config(**{
+      "data.name": "npz", "data.image_size": 16,
+      "data.train_files": str(SHARED_DATA / "imagenette_64px_train_subset.npz"),
+      "data.eval_files": str(SHARED_DATA / "imagenette_64px_val_subset.npz"),
+      "data.augment": "flip", "batch_size": 32, "eval_batch_size": 64,
+      "num_train_steps": 16, "log_every_steps": 4, "checkpoint_every_steps": 100,
+      "optimizer.base_learning_rate": 2.0})
+  result = aa_flax.train_and_evaluate(config, str(tmp_path))
+  assert result["num_examples"] == 500  # 500 = 7 x 64 + 52: the last batch is padded
+  assert read_json(tmp_path / "eval_results.json")["num_examples"] == 500
+  train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+  assert train[-1]["loss"] < train[0]["loss"]
+
+
+def _train_losses_and_params(devices, steps=3):
+  """Runs ``steps`` train steps of the tiny model on a mesh of ``devices``."""
+  from aa_flax.data import load_splits
+  config = tiny_config()
+  splits = load_splits(config.data, seed=0)
+  mesh = parallel.create_mesh(devices)
+  model = trainer.build_model(config, splits.num_classes, jnp.float32)
+  schedule = optim.create_learning_rate_schedule(config.optimizer, 16, 10.0, 100)
+  tx = optim.create_optimizer(config.optimizer, schedule)
+  variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 8, 8, 1)), train=False)
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             opt_state=tx.init(variables["params"]))
+  sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+  state = jax.device_put(state, sharding)
+  step_fn = jax.jit(trainer.make_train_step(
+      model, tx, schedule, mean=splits.mean, std=splits.std, dtype=jnp.float32,
+      label_smoothing=0.1, seed=0, skip_nonfinite=False),
+      in_shardings=(sharding, parallel.batch_sharded(mesh)),
+      out_shardings=(sharding, parallel.replicated(mesh)), donate_argnums=0)
+  losses = []
+  for step in range(steps):
+    rows = slice(16 * step, 16 * (step + 1))
+    batch = parallel.global_batch({"image": splits.train.images[rows],
+                                   "label": splits.train.labels[rows]}, mesh)
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state)
+
+
+def test_one_device_and_eight_devices_agree():
+  assert jax.device_count() == 8
+  losses_1, state_1 = _train_losses_and_params(jax.devices()[:1])
+  losses_8, state_8 = _train_losses_and_params(jax.devices())
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  # BatchNorm statistics are over the global batch on 8 devices too.
+  assert_trees_equal(state_8.batch_stats, state_1.batch_stats, rtol=1e-4, atol=1e-6)
+  assert_trees_equal(state_8.params, state_1.params, rtol=1e-4, atol=1e-6)
+
+
+_MULTI_PROCESS_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_disable_most_optimizations", True)
+    port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    import aa_flax
+    from test_train_support import tiny_config
+    result = aa_flax.train_and_evaluate(tiny_config(num_train_steps=6), workdir)
+    print("RESULT", json.dumps(result))
+""")
+
+
+def test_two_processes_match_one_process(tmp_path):
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  script = tmp_path / "worker.py"
+  script.write_text(_MULTI_PROCESS_WORKER)
+  env = subprocess_env(num_devices=4)
+  env["PYTHONPATH"] = f"{REPO_ROOT / 'tests'}:{env['PYTHONPATH']}"
+  workers = [subprocess.Popen([sys.executable, str(script), str(port), str(i),
+                               str(tmp_path / "two")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  single = aa_flax.train_and_evaluate(tiny_config(num_train_steps=6), str(tmp_path / "one"))
+  outputs = [w.communicate(timeout=300)[0] for w in workers]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+  results = [eval(line.split("RESULT ", 1)[1].replace("false", "False"))
+             for output in outputs for line in output.splitlines() if line.startswith("RESULT")]
+  assert len(results) == 2 and results[0] == results[1]
+  assert results[0]["num_examples"] == single["num_examples"] == 360
+  assert results[0]["loss"] == pytest.approx(single["loss"], rel=1e-4)
+  assert results[0]["top1"] == pytest.approx(single["top1"], abs=1 / 360 + 1e-9)
+  assert_trees_equal(final_state(tmp_path / "two")["params"],
+                     final_state(tmp_path / "one")["params"], rtol=1e-3, atol=1e-5)
+
+
+def test_unknown_model_and_dataset_and_bad_batch_size(tmp_path):
+  with pytest.raises(ConfigError, match="unknown model 'aa_resnet9'.*aa_resnet_tiny"):
+    aa_flax.train_and_evaluate(tiny_config(**{"model.name": "aa_resnet9"}), str(tmp_path))
+  with pytest.raises(ConfigError, match="Unknown dataset config.data.name='mnist'"):
+    aa_flax.train_and_evaluate(tiny_config(**{"data.name": "mnist"}), str(tmp_path))
+  with pytest.raises(ConfigError, match=r"config.batch_size=12 must be a positive multiple of "
+                                        r"the number of devices \(8"):
+    aa_flax.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path))
+  with pytest.raises(ConfigError, match="config.eval_batch_size=100"):
+    aa_flax.train_and_evaluate(tiny_config(eval_batch_size=100), str(tmp_path))
+  assert not any(tmp_path.iterdir())  # nothing written before the config is known good
+
+
+def test_train_py_bad_override_fails_loudly(tmp_path):
+  run = run_train_py(tmp_path / "w", "--config.optimizer.learning_rat=0.1")
+  assert run.returncode != 0
+  assert "learning_rat" in run.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_train_py_missing_imagenet_exits_with_instructions(tmp_path):
+  run = run_train_py(tmp_path / "w", "--config.data.name=imagenet2012",
+                     "--config.data.image_size=32", "--config.data.augment=inception",
+                     f"--config.data.tfds_data_dir={tmp_path / 'tfds'}")
+  assert run.returncode == 1
+  assert "DatasetNotFoundError" in run.stderr and "downloads/manual" in run.stderr
+  assert "ILSVRC2012_img_val.tar" in run.stderr
+  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
+
+
+def _load_config_module(name):
+  spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("name", ["cifar", "imagenet_resnet", "imagenet_mnasnet"])
+def test_every_family_config_builds_its_models(name):
+  from aa_flax.models import create_model, list_models
+  module = _load_config_module(name)
+  args = list(module.MODELS)
+  if name == "cifar":
+    args += [f"{m},cifar10" for m in module.MODELS]
+  if name == "imagenet_resnet":
+    args += [f"aa_resnet{d},{e}" for d in (34, 50) for e in module.POSITION_ENCODINGS]
+  for arg in args:
+    config = module.get_config(arg)
+    assert set(config.keys()) == set(base_config().keys())
+    assert config.model.name in list_models()
+    create_model(config.model.name, 10, **config.model.overrides.to_dict())
+    assert config.batch_size % 8 == 0 and config.eval_batch_size % 8 == 0
+  assert module.__doc__.count("python train.py --config=configs/") >= 1
+  with pytest.raises(ValueError, match="valid"):
+    module.get_config("resnet9000")
+
+
+def test_mnasnet_configs_share_the_final_learning_rate():
+  module = _load_config_module("imagenet_mnasnet")
+  finals = []
+  for arg in ("mnasnet_1.0", "aa_mnasnet_1.0"):
+    config = module.get_config(arg)
+    schedule = optim.create_learning_rate_schedule(config.optimizer, 1024, 1251.0, 350 * 1251)
+    finals.append(float(schedule(350 * 1251 - 1)))
+    peak = optim.peak_learning_rate(config.optimizer, 1024)
+    assert float(schedule(5 * 1251)) == pytest.approx(peak, rel=1e-5)
+  assert finals[1] == pytest.approx(finals[0], rel=1e-3)
+  assert module.get_config("aa_mnasnet_1.0").optimizer.base_learning_rate == 0.008
+
+
+def test_learning_rate_schedule_and_weight_decay_mask():
+  config = base_config().optimizer
+  schedule = optim.create_learning_rate_schedule(config, batch_size=512, steps_per_epoch=10,
+                                                 total_steps=100)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(25)) == pytest.approx(0.1)  # half-way through the 5-epoch warm-up
+  assert float(schedule(50)) == pytest.approx(0.2)  # peak 0.1 x 512 / 256
+  assert float(schedule(75)) == pytest.approx(0.1, rel=1e-5)  # cosine midpoint
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
+  config.momentum, config.nesterov = 0.0, False
+  tx = optim.create_optimizer(config, lambda _: 1.0)
+  params = {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
+            "bn": {"scale": jnp.ones(3)}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates["conv"]["kernel"], -1e-4)  # decayed
+  np.testing.assert_allclose(updates["conv"]["bias"], 0.0)  # not decayed
+  np.testing.assert_allclose(updates["bn"]["scale"], 0.0)
+  with pytest.raises(ConfigError, match="Unknown config.optimizer.name='adam'.*sgd, rmsprop"):
+    config.name = "adam"
+    optim.create_optimizer(config, lambda _: 1.0)
