@@ -175,10 +175,11 @@ class AAConv(nn.Module):
     if self.has_variable("params", name):
       existing = self.get_variable("params", name)
       if existing.shape != shape:
+        where = "/".join(self.scope.path) or "(top level)"
         raise ValueError(
-            f"AAConv at {'/'.join(self.scope.path) or '(top level)'}: the attention input is {length} along the axis of "
-            f"{name}, which needs a table of shape {shape}, but the parameters hold "
-            f"{existing.shape}. Relative tables are sized at init from the spatial size "
+            f"AAConv at {where}: the attention input is {length} along the axis of {name}, "
+            f"which needs a table of shape {shape}, but the parameters hold {existing.shape}. "
+            f"Relative tables are sized at init from the spatial size "
             f"attention sees; use the image size the model was created with.")
     init = nn.initializers.normal(stddev=attention.relative_table_stddev(depth))
     return self.param(name, init, shape, self.param_dtype)
@@ -238,7 +239,7 @@ class AAConv(nn.Module):
 
 
   def _attend(self, q, k, v, rel_h, rel_w):
-    """Runs the chosen attention implementation; ``[B, N, h, w, d]`` in, ``[B, N, h, w, d_v^h]`` out."""
+    """Runs the chosen attention implementation: ``[B, N, h, w, d]`` -> ``[B, N, h, w, d_v^h]``."""
     if self.attention_impl == "xla":
       def attend(q, k, v, rel_h, rel_w):
         return attention.multihead_attention_2d(

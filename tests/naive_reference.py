@@ -11,8 +11,9 @@ def brute_force_relative_logits(q, rel_h, rel_w):
     for x in range(width):
       for y2 in range(height):
         for x2 in range(width):
+          query = q[:, :, y, x]
           out[:, :, y * width + x, y2 * width + x2] = (
-              q[:, :, y, x] @ rel_w[x2 - x + width - 1] + q[:, :, y, x] @ rel_h[y2 - y + height - 1])
+              query @ rel_w[x2 - x + width - 1] + query @ rel_h[y2 - y + height - 1])
   return out
 
 
