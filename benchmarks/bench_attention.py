@@ -17,6 +17,8 @@ Suites:
   the AA-ResNet-50 layer at that size (κ = 0.2, υ = 0.1, d_k^h ≥ 20: d_k^h = 20 everywhere).
 * ``aa_resnet50``: AA-ResNet-50's 13 augmented layers at 224 px (4 × 14×14 after the 28×28
   stage's pooling, 6 × 14×14, 3 × 7×7), timed per distinct layer and summed.
+* ``curve``: any square sizes with the depths of the 28×28 layer (d_k^h = 20, d_v^h = 2), for
+  memory-against-HW curves (``--sizes 8,16,32,64 --memory-only``).
 
 For each case: forward time, forward+backward time (gradients of q, k, v and the tables), and
 the compiled temporary / peak memory of both (``compiled.memory_analysis()``).
@@ -41,7 +43,7 @@ from aa_flax.kernels import relative_attention
 from benchmarks import common
 
 METHODS = ("plain", "gather", "skew", "naive", "fused", "fused_plain")
-RELATIVE_METHODS = ("gather", "skew", "naive", "fused")
+SUITES = ("sizes", "aa_resnet50", "curve")
 # Width of the augmented 3x3 conv of AA-ResNet-50 at each feature size (224 px input).
 RESNET50_FILTERS = {56: 64, 28: 128, 14: 256, 7: 512}
 COLUMNS = ("case", "method", "dtype", "batch", "HxW", "d_k^h", "d_v^h", "fwd_ms", "fwd_bwd_ms",
@@ -76,7 +78,9 @@ def suite_cases(suite: str, sizes) -> list[Case]:
     return [resnet50_case("stage2_pooled", 14, 128, count=4),
             resnet50_case("stage3", 14, 256, count=6),
             resnet50_case("stage4", 7, 512, count=3)]
-  raise ValueError(f"suite {suite!r} is not one of ('sizes', 'aa_resnet50')")
+  if suite == "curve":
+    return [resnet50_case(f"{s}x{s}", s, RESNET50_FILTERS[28]) for s in sizes]
+  raise ValueError(f"suite {suite!r} is not one of {SUITES}")
 
 
 def naive_relative_attention(q, k, v, rel_h, rel_w):
@@ -223,9 +227,9 @@ def run(suite: str = "sizes", sizes=(7, 14, 28, 56), batch: int = 8,
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--suite", default="sizes", choices=("sizes", "aa_resnet50"))
+  parser.add_argument("--suite", default="sizes", choices=SUITES)
   parser.add_argument("--sizes", default="7,14,28,56",
-                      help=f"feature sizes of the 'sizes' suite, from {sorted(RESNET50_FILTERS)}")
+                      help=f"square feature sizes; the 'sizes' suite takes {sorted(RESNET50_FILTERS)}")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--methods", default=",".join(METHODS))
@@ -238,7 +242,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   sizes = tuple(int(s) for s in args.sizes.split(","))
   bad = [s for s in sizes if s not in RESNET50_FILTERS]
-  if bad:
+  if bad and args.suite == "sizes":
     parser.error(f"--sizes {bad} not in {sorted(RESNET50_FILTERS)}")
   methods = tuple(args.methods.split(","))
   bad = [m for m in methods if m not in METHODS]

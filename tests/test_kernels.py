@@ -131,3 +131,15 @@ def test_clear_errors(monkeypatch):
   with pytest.raises(NotImplementedError, match="attention_impl='xla'"):
     relative_attention.resolve_interpret(None)
   assert relative_attention.resolve_interpret(True) is True
+
+
+@pytest.mark.parametrize("dtype,height,width", [(jnp.bfloat16, 7, 7), (jnp.float32, 5, 17)])
+def test_lowers_to_triton_for_gpu(dtype, height, width):
+  """Cross-lowering for CUDA (no GPU needed) runs the Pallas Triton lowering of all kernels."""
+  args = random_inputs(9, batch=1, height=height, width=width, key_depth=20, value_depth=3,
+                       dtype=dtype)
+  fused = lambda *a: relative_attention.multihead_attention_2d(*a, interpret=False)  # noqa: E731
+  train = jax.jit(jax.grad(weighted_sum(fused), (0, 1, 2, 3, 4)))
+  hlo = train.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  for name in ("forward", "dq", "dkdv"):
+    assert f'name = "relative_attention_2d_{name}"' in hlo

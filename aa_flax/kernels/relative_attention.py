@@ -81,24 +81,28 @@ def resolve_interpret(interpret: Optional[bool]) -> bool:
 # --------------------------------------------------------------------------- kernel helpers
 
 
-def _width_logits(q_row_ref, rw_ref, *, width: int, key_depth: int) -> jax.Array:
+def _width_logits(q_column, rw_ref, *, wp: int, width: int, key_depth: int) -> jax.Array:
   """``[Wp, Wp]`` block ``out[x, x2] = q[x] · r^W[x2 - x + W - 1]`` for one query row.
 
-  q_row_ref: ``[Wp, Dk]`` ref (view) of the query row; rw_ref: ``[Mw, Dk]`` width table.
-  Entries with ``x >= W`` or ``x2 >= W`` are garbage-free but meaningless (they are masked or
-  sliced off by the callers); the table index is clamped so every load is in bounds.
+  ``q_column(c)`` loads channel c of the query row as ``[Wp]`` (a single-indexer ref load,
+  which is what the Triton lowering supports); rw_ref is the ``[Mw, Dk]`` width table.
+  Entries with ``x >= W`` or ``x2 >= W`` are meaningless (callers mask or slice them off);
+  the table index is clamped so every gathered load stays in bounds.
   """
-  wp = q_row_ref.shape[0]
-  xq = lax.broadcasted_iota(jnp.int32, (wp, wp), 0)
-  xk = lax.broadcasted_iota(jnp.int32, (wp, wp), 1)
-  index = jnp.clip(xk - xq + (width - 1), 0, 2 * width - 2)
+  xq, xk = _positions(wp)
+  index = jnp.clip(xk - xq + (width - 1), 0, 2 * width - 2)  # [Wp, Wp]
 
   def add_channel(c, acc):
-    q_col = q_row_ref[:, c].astype(jnp.float32)  # [Wp]
     table = rw_ref[index, c].astype(jnp.float32)  # gathered [Wp, Wp]
-    return acc + q_col[:, None] * table
+    return acc + q_column(c).astype(jnp.float32)[:, None] * table
 
   return lax.fori_loop(0, key_depth, add_channel, jnp.zeros((wp, wp), jnp.float32))
+
+
+def _positions(wp: int) -> tuple[jax.Array, jax.Array]:
+  """Query x ``[Wp, 1]`` and key x2 ``[1, Wp]`` index grids."""
+  positions = jnp.arange(wp, dtype=jnp.int32)
+  return positions[:, None], positions[None, :]
 
 
 def _height_logits(q: jax.Array, rh_ref, offset) -> jax.Array:
@@ -116,7 +120,8 @@ def _logits(q, k, w_logits, rh_ref, offset, key_valid, relative: bool):
 
 
 def _key_valid(wp: int, width: int) -> jax.Array:
-  return lax.broadcasted_iota(jnp.int32, (wp, wp), 1) < width
+  """``[1, Wp]``: True for real (unpadded) key columns."""
+  return _positions(wp)[1] < width
 
 
 # --------------------------------------------------------------------------- forward kernel
@@ -130,8 +135,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, o_ref, lse_ref, *,
   q = q_ref[...]
   wp, dv = q.shape[0], v_ref.shape[-1]
   key_valid = _key_valid(wp, width)
-  w_logits = (_width_logits(q_ref, rw_ref, width=width, key_depth=key_depth)
-              if relative else None)
+  w_logits = (_width_logits(lambda c: q_ref[:, c], rw_ref, wp=wp, width=width,
+                            key_depth=key_depth) if relative else None)
 
   def over_key_rows(y2, carry):
     acc, m_prev, l_prev = carry
@@ -166,7 +171,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, delta_ref,
   key_valid = _key_valid(wp, width)
   w_logits = None
   if relative:
-    w_logits = _width_logits(q_ref, rw_ref, width=width, key_depth=key_depth)
+    w_logits = _width_logits(lambda c: q_ref[:, c], rw_ref, wp=wp, width=width,
+                             key_depth=key_depth)
     drh_ref[...] = jnp.zeros(drh_ref.shape, drh_ref.dtype)
     drw_ref[...] = jnp.zeros(drw_ref.shape, drw_ref.dtype)
   q32 = q.astype(jnp.float32)
@@ -192,9 +198,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, delta_ref,
   dq, ds_width = lax.fori_loop(0, height, over_key_rows, init)
 
   if relative:
-    xq = lax.broadcasted_iota(jnp.int32, (wp, wp), 0)
-    xk = lax.broadcasted_iota(jnp.int32, (wp, wp), 1)
-    offsets = xk - xq + (width - 1)
+    xq, xk = _positions(wp)
+    offsets = xk - xq + (width - 1)  # [Wp, Wp]
 
     def over_width_offsets(m, dq):
       # g[x] = dS summed over the (single) key column x2 = x + m - (W - 1).
@@ -219,8 +224,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, delta_ref
   def over_query_rows(y, carry):
     dk, dv = carry
     q, do = q_ref[y], do_ref[y]
-    w_logits = (_width_logits(q_ref.at[y], rw_ref, width=width, key_depth=key_depth)
-                if relative else None)
+    w_logits = (_width_logits(lambda c: q_ref[y, :, c], rw_ref, wp=wp, width=width,
+                              key_depth=key_depth) if relative else None)
     s = _logits(q, k, w_logits, rh_ref, y2 - y + height - 1, key_valid, relative)
     p = jnp.exp(s - lse_ref[y][:, None])
     dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
