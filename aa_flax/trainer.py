@@ -59,6 +59,10 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
 
 
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, *, mean, std, dtype, label_smoothing: float,
                     seed: int, skip_nonfinite: bool) -> Callable:
@@ -96,7 +100,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "loss": loss,
         "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
         "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
-        "grad_norm": optax.tree_utils.tree_l2_norm(grads),
+        "grad_norm": _global_norm(grads),
         "finite": finite.astype(jnp.float32),
     }
     return new_state, metrics
