@@ -160,10 +160,11 @@ def load_npz_files(spec: str, field: str = "files") -> ArraySource:
           raise DataError(f"{path}: missing array(s) {sorted(missing)}; an npz source needs "
                           f"'images' (uint8 NHWC) and 'labels' (int); found {archive.files}.")
         file_images, file_labels = archive["images"], archive["labels"]
-    except (OSError, ValueError, EOFError) as error:
-      if isinstance(error, DataError):
-        raise
-      raise DataError(f"{path}: cannot be read as an .npz archive ({error}).") from error
+    except DataError:
+      raise
+    except Exception as error:  # noqa: BLE001 - zip, zlib, pickle and format errors alike.
+      raise DataError(f"{path}: cannot be read as an .npz archive "
+                      f"({type(error).__name__}: {error}).") from error
     validate_arrays(file_images, file_labels, path)
     if images and file_images.shape[1:] != images[0].shape[1:]:
       raise DataError(f"{path}: images have shape {file_images.shape[1:]} (H, W, C) but earlier "
