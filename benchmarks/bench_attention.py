@@ -9,7 +9,10 @@ Methods (all compute ``softmax(QKᵀ [+ S_H + S_W]) V`` with a float32 softmax):
   (what the paper's memory-efficient form avoids); only up to ``--naive-max-hw`` positions;
 * ``fused``  — the Pallas kernel (``aa_flax.kernels.relative_attention``); compiled on GPU,
   Pallas *interpret mode* on CPU, where its times say nothing about the GPU kernel;
-* ``fused_plain`` — the Pallas kernel without relative tables.
+* ``fused_plain`` — the Pallas kernel without relative tables;
+* ``cudnn``  — relative attention as plain attention over the augmented depth ``d + H + W``,
+  run by cuDNN flash attention (``aa_flax.kernels.augmented_attention``); where cuDNN does
+  not apply (CPU, float32) it is the ``gather`` path and is labelled ``cudnn-fallback``.
 
 Suites:
 
@@ -39,10 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from aa_flax import attention, layers
-from aa_flax.kernels import relative_attention
+from aa_flax.kernels import augmented_attention, relative_attention
 from benchmarks import common
 
-METHODS = ("plain", "gather", "skew", "naive", "fused", "fused_plain")
+METHODS = ("plain", "gather", "skew", "naive", "fused", "fused_plain", "cudnn")
 SUITES = ("sizes", "aa_resnet50", "curve")
 # Width of the augmented 3x3 conv of AA-ResNet-50 at each feature size (224 px input).
 RESNET50_FILTERS = {56: 64, 28: 128, 14: 256, 7: 512}
@@ -117,6 +120,8 @@ def attention_function(method: str) -> tuple[Callable, bool]:
     return relative_attention.multihead_attention_2d, True
   if method == "fused_plain":
     return lambda q, k, v, rh, rw: relative_attention.multihead_attention_2d(q, k, v), False
+  if method == "cudnn":
+    return augmented_attention.multihead_attention_2d, True
   raise ValueError(f"method {method!r} is not one of {METHODS}")
 
 
@@ -147,9 +152,14 @@ def measure(case: Case, method: str, batch: int, dtype, reps: int,
   train = jax.jit(jax.value_and_grad(loss, argnums)).lower(*args).compile()
   compile_s = time.perf_counter() - start
   fwd_mem, train_mem = common.compiled_memory(forward), common.compiled_memory(train)
+  label = method
+  if method.startswith("fused") and relative_attention.resolve_interpret(None):
+    label += "-interpret"
+  depth = case.key_depth + case.height + case.width
+  if method == "cudnn" and not augmented_attention.cudnn_applies(dtype, depth):
+    label += "-fallback"
   row = {
-      "case": case.name, "method": method + ("-interpret" if method.startswith("fused") and
-                                             relative_attention.resolve_interpret(None) else ""),
+      "case": case.name, "method": label,
       "dtype": jnp.dtype(dtype).name, "batch": batch, "HxW": f"{case.height}x{case.width}",
       "d_k^h": case.key_depth, "d_v^h": case.value_depth, "count": case.count,
       "fwd_temp_mib": fwd_mem["temp_mib"], "fwd_bwd_temp_mib": train_mem["temp_mib"],

@@ -62,11 +62,13 @@ def test_parse_override():
 
 def test_gpu_check_plan_and_summary(tmp_path):
   steps = gpu_check.plan(gpu_check.FULL, str(tmp_path))
-  assert [name for name, _ in steps] == ["plain", "aa_xla", "aa_pallas", "attention_layers",
-                                         "attention_sizes", "aa56_pallas"]
+  assert [name for name, _ in steps] == ["plain", "aa_xla", "aa_pallas", "aa_cudnn",
+                                         "aa56_pallas", "aa56_cudnn", "attention_layers",
+                                         "attention_sizes"]
   aa56 = dict(steps)["aa56_pallas"]
   assert aa56[len(aa56) - 1 - aa56[::-1].index("--batch") + 1] == "128"  # last --batch wins
   assert "attention_pool_stages=()" in aa56 and "attention_impl=pallas" in aa56
+  assert "attention_impl=cudnn" in dict(steps)["aa_cudnn"]
 
   def write(name, img_per_s):
     row = {"model": name, "img_per_s": img_per_s, "device_peak_mib": 1.0}
@@ -80,3 +82,4 @@ def test_gpu_check_plan_and_summary(tmp_path):
   assert rows["aa_xla (xla) / plain"] == pytest.approx(0.8)
   assert rows["aa_pallas (pallas) / plain"] == pytest.approx(0.9)
   assert rows["augmented from the 56x56 stage, no pooling, pallas: img/s"] is None
+  assert rows["aa (cudnn) / plain"] is None

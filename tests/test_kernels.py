@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from aa_flax import attention, kernels
-from aa_flax.kernels import relative_attention
+from aa_flax.kernels import augmented_attention, relative_attention
 
 
 def random_inputs(seed, batch=2, heads=2, height=3, width=5, key_depth=4, value_depth=3,
@@ -143,3 +143,26 @@ def test_lowers_to_triton_for_gpu(dtype, height, width):
   hlo = train.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   for name in ("forward", "dq", "dkdv"):
     assert f'name = "relative_attention_2d_{name}"' in hlo
+
+
+@pytest.mark.parametrize("height,width", [(3, 5), (4, 1)])
+def test_augmented_depth_attention_matches_xla(height, width):
+  """q'·k' over [q, A_w, A_h] / [k, e_x2, e_y2] reproduces content + relative logits."""
+  args = random_inputs(10 + height, height=height, width=width)
+  aug = lambda *a: augmented_attention.multihead_attention_2d(*a, implementation="xla")  # noqa: E731
+  np.testing.assert_allclose(aug(*args), attention.multihead_attention_2d(*args), atol=2e-5)
+  got = jax.grad(weighted_sum(aug), (0, 1, 2, 3, 4))(*args)
+  want = jax.grad(weighted_sum(attention.multihead_attention_2d), (0, 1, 2, 3, 4))(*args)
+  for name, g, w in zip(("q", "k", "v", "rel_h", "rel_w"), got, want):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)
+  q_aug, k_aug = augmented_attention.augment(*args[:2], *args[3:])
+  assert q_aug.shape == k_aug.shape == args[0].shape[:4] + (4 + width + height,)
+
+
+def test_augmented_falls_back_to_xla_where_cudnn_cannot_run():
+  args = random_inputs(11, height=2, width=3)
+  assert not augmented_attention.cudnn_applies(jnp.float32, 30)  # CPU here
+  np.testing.assert_array_equal(kernels.attention_fn("cudnn")(*args),
+                                attention.multihead_attention_2d(*args))
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    augmented_attention.multihead_attention_2d(*args, implementation="flash")

@@ -12,11 +12,11 @@ from typing import Callable
 import jax
 
 from aa_flax import attention
-from aa_flax.kernels import relative_attention
+from aa_flax.kernels import augmented_attention, relative_attention
 
-ATTENTION_IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 
-__all__ = ["ATTENTION_IMPLS", "attention_fn", "relative_attention"]
+__all__ = ["ATTENTION_IMPLS", "attention_fn", "augmented_attention", "relative_attention"]
 
 
 def attention_fn(impl: str = "xla", remat: bool = False) -> Callable:
@@ -26,7 +26,10 @@ def attention_fn(impl: str = "xla", remat: bool = False) -> Callable:
     impl: ``"xla"`` (:func:`aa_flax.attention.multihead_attention_2d`, materialises the
       ``[B, N, HW, HW]`` logits) or ``"pallas"`` (the fused kernel of
       :mod:`aa_flax.kernels.relative_attention`: compiled on GPU, Pallas interpret mode on CPU,
-      an error on other backends).
+      an error on other backends) or ``"cudnn"`` (relative attention rewritten as plain
+      attention over an augmented depth and run by cuDNN flash attention, see
+      :mod:`aa_flax.kernels.augmented_attention`; where cuDNN cannot run it — CPU, float32,
+      too deep — it falls back to ``"xla"``).
     remat: wrap the function in ``jax.checkpoint``, so the backward pass recomputes the
       attention instead of keeping its intermediates (for ``"xla"`` that drops the saved
       ``[B, N, HW, HW]`` logits and weights between forward and backward).
@@ -39,6 +42,8 @@ def attention_fn(impl: str = "xla", remat: bool = False) -> Callable:
     fn = attention.multihead_attention_2d
   elif impl == "pallas":
     fn = relative_attention.multihead_attention_2d
+  elif impl == "cudnn":
+    fn = augmented_attention.multihead_attention_2d
   else:
     raise ValueError(f"attention_impl {impl!r} is not one of {ATTENTION_IMPLS}")
   if not remat:

@@ -22,9 +22,10 @@ and loops over key rows. With that tiling the two relative terms split cleanly:
 Backward (``jax.custom_vjp``): the forward saves the output and the per-query log-sum-exp
 (``[B, N, H, Wp]``); the backward recomputes probabilities blockwise in two kernels (dq plus
 table gradients over query rows; dk, dv over key rows), as in FlashAttention-2. Table
-gradients are written per (batch, head, query row) as ``[2L - 1, d]`` partials, deterministic
-(no atomics), and summed by XLA; they are ``O(B·N·H·(H + W)·d)``, i.e. linear in HW for a
-fixed aspect ratio.
+gradients are written per (batch, head, query row) as float32 partials (``[H, d]`` by key row
+for the height table, ``[2W - 1, d]`` by offset for the width table), deterministic (no
+atomics), and summed by XLA. They are ``O(B·N·H·(H + 2W)·d)``, linear in HW for a fixed aspect
+ratio, and the largest transient of the backward pass.
 
 Padding: the width is padded to ``Wp = max(16, next_pow2(W))`` and depths to
 ``max(16, next_pow2(d))`` (Triton needs power-of-two tiles of at least 16 for ``dot``); padded
@@ -85,7 +86,7 @@ def _width_logits(q_column, rw_ref, *, wp: int, width: int, key_depth: int) -> j
   """``[Wp, Wp]`` block ``out[x, x2] = q[x] · r^W[x2 - x + W - 1]`` for one query row.
 
   ``q_column(c)`` loads channel c of the query row as ``[Wp]`` (a single-indexer ref load,
-  which is what the Triton lowering supports); rw_ref is the ``[Mw, Dk]`` width table.
+  which is what the Triton lowering supports); rw_ref is the ``[2W - 1, Dk]`` width table.
   Entries with ``x >= W`` or ``x2 >= W`` are meaningless (callers mask or slice them off);
   the table index is clamped so every gathered load stays in bounds.
   """
@@ -160,10 +161,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, o_ref, lse_ref, *,
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, drh_ref, drw_ref, *, height: int, width: int, key_depth: int,
+               dq_ref, *table_grad_refs, height: int, width: int, key_depth: int,
                relative: bool):
-  """One query row: dq_ref [Wp, Dk]; drh_ref [Mh, Dk] and drw_ref [Mw, Dk] receive this
-  row's contribution to the table gradients (row m = offset m - (L - 1))."""
+  """One query row y: dq_ref [Wp, Dk]. With relative tables, ``table_grad_refs`` are
+  drh_ref [H, Dk], whose row y2 receives this query row's gradient of table row
+  ``y2 - y + H - 1``, and drw_ref [2W - 1, Dk], whose row m receives its gradient of width
+  table row m. Every row is written, so no initialisation is needed."""
   y = pl.program_id(2)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
@@ -173,8 +176,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, delta_ref,
   if relative:
     w_logits = _width_logits(lambda c: q_ref[:, c], rw_ref, wp=wp, width=width,
                              key_depth=key_depth)
-    drh_ref[...] = jnp.zeros(drh_ref.shape, drh_ref.dtype)
-    drw_ref[...] = jnp.zeros(drw_ref.shape, drw_ref.dtype)
+    drh_ref, drw_ref = table_grad_refs
   q32 = q.astype(jnp.float32)
 
   def over_key_rows(y2, carry):
@@ -189,7 +191,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, rh_ref, rw_ref, do_ref, lse_ref, delta_ref,
       # Height term: every key of this key row shares table row `offset`.
       ds_row = jnp.sum(ds, axis=1)  # [Wp]
       dq = dq + ds_row[:, None] * rh_ref[pl.ds(offset, 1), :].astype(jnp.float32)
-      drh_ref[pl.ds(offset, 1), :] = jnp.sum(ds_row[:, None] * q32, axis=0)[None, :]
+      drh_ref[pl.ds(y2, 1), :] = jnp.sum(ds_row[:, None] * q32, axis=0)[None, :]
       # Width term: depends on (x, x2) only, so sum dS over key rows first.
       ds_width = ds_width + ds
     return dq, ds_width
@@ -285,19 +287,21 @@ def _backward_calls(qp, kp, vp, rhp, rwp, do, lse, delta, *, height, width, key_
                     relative, interpret):
   batch, heads, _, wp, dkp = qp.shape
   dvp = vp.shape[-1]
-  mh, mw = rhp.shape[0], rwp.shape[0]
   row, whole, table = _specs(height)
   static = dict(height=height, width=width, key_depth=key_depth, relative=relative)
-  tables = [table(mh, dkp), table(mw, dkp)]
-  dq, drh, drw = pl.pallas_call(
+  tables = [table(*rhp.shape), table(*rwp.shape)]
+  out_specs, out_shape = [row(wp, dkp)], [jax.ShapeDtypeStruct(qp.shape, qp.dtype)]
+  if relative:  # per-(batch, head, query row) table-gradient partials, float32
+    for rows in (height, 2 * width - 1):
+      out_specs.append(row(rows, dkp))
+      out_shape.append(jax.ShapeDtypeStruct((batch, heads, height, rows, dkp), jnp.float32))
+  dq, *table_partials = pl.pallas_call(
       functools.partial(_dq_kernel, **static),
       grid=(batch, heads, height),
       in_specs=[row(wp, dkp), whole(wp, dkp), whole(wp, dvp), *tables,
                 row(wp, dvp), row(wp), row(wp)],
-      out_specs=[row(wp, dkp), row(mh, dkp), row(mw, dkp)],
-      out_shape=[jax.ShapeDtypeStruct(qp.shape, qp.dtype),
-                 jax.ShapeDtypeStruct((batch, heads, height, mh, dkp), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, heads, height, mw, dkp), jnp.float32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=_compiler_params(),
       interpret=interpret,
       name="relative_attention_2d_dq",
@@ -314,7 +318,7 @@ def _backward_calls(qp, kp, vp, rhp, rwp, do, lse, delta, *, height, width, key_
       interpret=interpret,
       name="relative_attention_2d_dkdv",
   )(qp, kp, vp, rhp, rwp, do, lse, delta)
-  return dq, dk, dv, drh, drw
+  return dq, dk, dv, table_partials
 
 
 # --------------------------------------------------------------------------- custom VJP
@@ -337,8 +341,7 @@ def _fused_forward(q, k, v, rel_h, rel_w, relative, interpret):
   qp = _pad_to(_pad_to(q, 3, wp), 4, dkp)
   kp = _pad_to(_pad_to(k, 3, wp), 4, dkp)
   vp = _pad_to(_pad_to(v, 3, wp), 4, dvp)
-  rhp = _pad_to(_pad_to(rel_h, 0, pl.next_power_of_2(2 * height - 1)), 1, dkp)
-  rwp = _pad_to(_pad_to(rel_w, 0, pl.next_power_of_2(2 * width - 1)), 1, dkp)
+  rhp, rwp = _pad_to(rel_h, 1, dkp), _pad_to(rel_w, 1, dkp)
   op, lse = _forward_call(qp, kp, vp, rhp, rwp, height=height, width=width,
                           key_depth=key_depth, relative=relative, interpret=interpret)
   out = op[:, :, :, :width, :v.shape[-1]]
@@ -355,14 +358,19 @@ def _fused_bwd(relative, interpret, residuals, d_out):
   dop = _pad_to(_pad_to(d_out, 3, vp.shape[3]), 4, vp.shape[4])
   # delta_i = sum_j P_ij dP_ij = dO_i · O_i, the softmax-backward row correction.
   delta = jnp.sum(dop.astype(jnp.float32) * op.astype(jnp.float32), axis=-1)
-  dq, dk, dv, drh, drw = _backward_calls(
+  dq, dk, dv, table_partials = _backward_calls(
       qp, kp, vp, rhp, rwp, dop, lse, delta, height=height, width=width,
       key_depth=key_depth, relative=relative, interpret=interpret)
   unpad = lambda t, depth: t[:, :, :, :width, :depth]  # noqa: E731
   d_rel_h = d_rel_w = None
   if relative:
-    d_rel_h = jnp.sum(drh, axis=(0, 1, 2))[:2 * height - 1, :key_depth].astype(rhp.dtype)
-    d_rel_w = jnp.sum(drw, axis=(0, 1, 2))[:2 * width - 1, :key_depth].astype(rwp.dtype)
+    drh, drw = table_partials
+    # drh[b, n, y, y2] belongs to table row y2 - y + H - 1: sum the batch and heads, then
+    # scatter-add the [H, H] (query row, key row) grid onto the 2H - 1 offsets.
+    drh = jnp.zeros((2 * height - 1, drh.shape[-1]), jnp.float32).at[
+        attention.relative_index(height)].add(jnp.sum(drh, axis=(0, 1)))
+    d_rel_h = drh[:, :key_depth].astype(rhp.dtype)
+    d_rel_w = jnp.sum(drw, axis=(0, 1, 2))[:, :key_depth].astype(rwp.dtype)
   return (unpad(dq, key_depth), unpad(dk, key_depth), unpad(dv, v_shape[-1]),
           d_rel_h, d_rel_w)
 
