@@ -30,9 +30,10 @@ def weighted_sum(fn, relative=True):
   return loss
 
 
-# (H, W): H != W both ways; W = 17 pads the row tile to 32 (not a multiple of the tile);
-# H = 1 and W = 1 are the degenerate single-row / single-column maps.
-SHAPES = [(3, 5), (4, 2), (2, 17), (1, 4), (3, 1)]
+# (H, W): H != W; W = 17 pads the row tile to 32 (not a multiple of the tile); W = 1 is the
+# degenerate single-column map (H > W). Each case compiles three interpreted kernels, so the
+# list is kept short.
+SHAPES = [(3, 5), (2, 17), (3, 1)]
 
 
 @pytest.mark.parametrize("height,width", SHAPES)
@@ -103,10 +104,12 @@ def test_gradient_never_materialises_quadratic_arrays():
   assert max(sizes(xla_jaxpr)) >= quadratic
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_attention_fn_dispatch(remat):
+def test_attention_fn_dispatch():
+  assert kernels.attention_fn("xla") is attention.multihead_attention_2d
+  assert kernels.attention_fn("pallas") is relative_attention.multihead_attention_2d
+  assert kernels.attention_fn("cudnn") is augmented_attention.multihead_attention_2d
   args = random_inputs(6, height=2, width=3)
-  xla, fused = kernels.attention_fn("xla", remat), kernels.attention_fn("pallas", remat)
+  xla, fused = kernels.attention_fn("xla", True), kernels.attention_fn("pallas", True)
   np.testing.assert_allclose(fused(*args), xla(*args), atol=2e-5)
   got = jax.grad(weighted_sum(fused), (0, 4))(*args)
   want = jax.grad(weighted_sum(xla), (0, 4))(*args)
@@ -145,8 +148,7 @@ def test_lowers_to_triton_for_gpu(dtype, height, width):
     assert f'name = "relative_attention_2d_{name}"' in hlo
 
 
-@pytest.mark.parametrize("height,width", [(3, 5), (4, 1)])
-def test_augmented_depth_attention_matches_xla(height, width):
+def test_augmented_depth_attention_matches_xla(height=3, width=5):
   """q'·k' over [q, A_w, A_h] / [k, e_x2, e_y2] reproduces content + relative logits."""
   args = random_inputs(10 + height, height=height, width=width)
   aug = lambda *a: augmented_attention.multihead_attention_2d(*a, implementation="xla")  # noqa: E731
