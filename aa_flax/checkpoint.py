@@ -185,7 +185,7 @@ def check_workdir(workdir: str, required_bytes: int) -> None:
   """
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe.{os.getpid()}")
+    probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
     with open(probe, "wb") as handle:
       handle.write(b"0" * 4096)
     os.remove(probe)

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from aa_flax.errors import ConfigError
 
@@ -49,8 +49,11 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
 
 def create_mesh(devices: list[Any] | None = None) -> Mesh:
   """A 1-D ``Mesh`` with axis ``data`` over ``devices`` (default: all devices, all processes)."""
+  # jax.devices() lists each process's devices together, so every process's share of a
+  # global batch is one contiguous block of rows (what global_batch assembles). Auto axis
+  # types: shardings are given explicitly to jit, and the model code stays sharding-agnostic.
   devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -223,9 +223,27 @@ def test_tfds_pipelines_under_mock_data(name, size, augment, classes):
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
-def test_shared_cifar_npz_loads():
+def test_shared_npz_files_load_and_mismatched_sizes_are_refused():
+  mixed = _data_config(name="npz", train_files=str(SHARED_DATA / "cifar10_test.npz"),
+                       eval_files=str(SHARED_DATA / "imagenette_64px_val_subset.npz"))
+  with pytest.raises(DataError, match="unless config.data.image_size"):  # 32x32 vs 64x64
+    load_splits(mixed, seed=0)
+  mixed.image_size = 32
+  assert load_splits(mixed, seed=0).image_shape == (32, 32, 3)
   splits = load_splits(_data_config(name="npz",
-                                    train_files=str(SHARED_DATA / "cifar10_train_part*.npz"),
+                                    train_files=str(SHARED_DATA / "cifar10_test.npz"),
                                     eval_files=str(SHARED_DATA / "cifar10_test.npz")), seed=0)
-  assert (len(splits.train), len(splits.eval), splits.num_classes) == (50_000, 10_000, 10)
-  np.testing.assert_allclose(splits.mean, (0.4913, 0.4821, 0.4465), atol=2e-3)
+  assert (len(splits.train), splits.num_classes, splits.image_shape) == (10_000, 10, (32, 32, 3))
+  np.testing.assert_allclose(splits.mean, (0.4913, 0.4821, 0.4465), atol=5e-3)
+
+
+def test_synthetic_source_is_deterministic_and_sized_by_config():
+  config = _data_config(name="synthetic", image_size=12, num_classes=5)
+  config.synthetic.num_train_examples, config.synthetic.channels = 40, 2
+  splits = load_splits(config, seed=7)
+  assert len(splits.train) == 40 and splits.image_shape == (12, 12, 2)
+  assert splits.num_classes == 5
+  first, again = splits.train[3], load_splits(config, seed=7).train[3]
+  np.testing.assert_array_equal(first["image"], again["image"])
+  assert first["image"].dtype == np.uint8 and 0 <= first["label"] < 5
+  assert not np.array_equal(first["image"], load_splits(config, seed=8).train[3]["image"])

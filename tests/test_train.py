@@ -84,7 +84,7 @@ def test_npz_end_to_end_with_padded_eval(tmp_path):
       "data.name": "npz", "data.image_size": 16,
       "data.train_files": str(SHARED_DATA / "imagenette_64px_train_subset.npz"),
       "data.eval_files": str(SHARED_DATA / "imagenette_64px_val_subset.npz"),
-      "data.augment": "flip", "batch_size": 32, "eval_batch_size": 64,
+      "data.augment": "flip", "batch_size": 32, "eval_batch_size": 64, "half_precision": True,
       "num_train_steps": 16, "log_every_steps": 4, "checkpoint_every_steps": 100,
       "optimizer.base_learning_rate": 2.0})
   result = aa_flax.train_and_evaluate(config, str(tmp_path))
@@ -92,6 +92,8 @@ def test_npz_end_to_end_with_padded_eval(tmp_path):
   assert read_json(tmp_path / "eval_results.json")["num_examples"] == 500
   train = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
   assert train[-1]["loss"] < train[0]["loss"]
+  params = jax.tree.leaves(final_state(tmp_path)["params"])  # bf16 compute, f32 params
+  assert params and all(p.dtype == np.float32 for p in params)
 
 
 def _train_losses_and_params(devices, steps=3):

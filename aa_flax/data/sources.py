@@ -109,9 +109,12 @@ def load_splits(data_config, *, seed: int) -> DatasetSplits:
   else:
     raise ConfigError(f"Unknown dataset config.data.name={name!r}; valid names: "
                       f"{', '.join(DATASETS)}.")
-  if train.images.shape[1:] != evaluation.images.shape[1:]:
-    raise DataError(f"Train images have shape {train.images.shape[1:]} (H, W, C) but eval "
-                    f"images have {evaluation.images.shape[1:]}; they must agree.")
+  train_shape, eval_shape = train.images.shape[1:], evaluation.images.shape[1:]
+  if train_shape[-1] != eval_shape[-1] or (not data_config.image_size
+                                           and train_shape != eval_shape):
+    raise DataError(f"Train images have shape {train_shape} (H, W, C) but eval images have "
+                    f"{eval_shape}; channels must agree, and H, W too unless "
+                    "config.data.image_size resizes both.")
   num_classes = data_config.num_classes or int(max(train.labels.max(), evaluation.labels.max())) + 1
   for split, arrays in (("train", train), ("eval", evaluation)):
     _check_labels(arrays.labels, num_classes, f"{name} {split} split")
