@@ -263,7 +263,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
 
   init_key = jax.random.key(config.seed)
-  abstract_state = jax.eval_shape(init_state, init_key)
+  try:
+    abstract_state = jax.eval_shape(init_state, init_key)
+  except ValueError as error:  # settings the model only checks when it sees the images
+    raise ConfigError(f"config.model (name={config.model.name!r}, overrides="
+                      f"{config.model.overrides.to_dict()}) at image shape "
+                      f"{pipeline.image_shape}: {error}") from error
   state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
   abstract_state = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -398,7 +403,10 @@ def _train_loop(config, workdir, state, extra, start_step, total_steps, train_st
         save(step)
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
         run_eval(step)
-      if step < total_steps and watcher.should_stop():
+      # Several processes must agree on the stop step: a host all-gather, done at log steps
+      # (already a sync point); a single process checks its flag after every step.
+      check_stop = jax.process_count() == 1 or step % config.log_every_steps == 0
+      if step < total_steps and check_stop and watcher.should_stop():
         if last_saved != step:
           save(step)
         checkpointer.wait()

@@ -180,6 +180,9 @@ def test_two_processes_match_one_process(tmp_path):
 def test_unknown_model_and_dataset_and_bad_batch_size(tmp_path):
   with pytest.raises(ConfigError, match="unknown model 'aa_resnet9'.*aa_resnet_tiny"):
     aa_flax.train_and_evaluate(tiny_config(**{"model.name": "aa_resnet9"}), str(tmp_path))
+  with pytest.raises(ConfigError, match="position_encoding 'learned' is not one of"):
+    aa_flax.train_and_evaluate(
+        tiny_config(**{"model.overrides.position_encoding": "learned"}), str(tmp_path))
   with pytest.raises(ConfigError, match="Unknown dataset config.data.name='mnist'"):
     aa_flax.train_and_evaluate(tiny_config(**{"data.name": "mnist"}), str(tmp_path))
   with pytest.raises(ConfigError, match=r"config.batch_size=12 must be a positive multiple of "
