@@ -83,3 +83,20 @@ def test_gpu_check_plan_and_summary(tmp_path):
   assert rows["aa_pallas (pallas) / plain"] == pytest.approx(0.9)
   assert rows["augmented from the 56x56 stage, no pooling, pallas: img/s"] is None
   assert rows["aa (cudnn) / plain"] is None
+
+
+def test_bench_attention_records_a_failing_method_and_goes_on(tmp_path, monkeypatch):
+  measure = bench_attention.measure
+
+  def flaky(case, method, *args):
+    if method == "skew":
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return measure(case, method, *args)
+
+  monkeypatch.setattr(bench_attention, "measure", flaky)
+  rows = bench_attention.run("sizes", sizes=(7,), batch=1, dtypes=("float32",),
+                             methods=("skew", "plain"), reps=1, time_it=False,
+                             name="flaky", out_dir=str(tmp_path))
+  assert [r["method"] for r in rows] == ["plain"]
+  failures = json.loads((tmp_path / "flaky.json").read_text())["extra"]["failures"]
+  assert failures[0]["method"] == "skew" and "RESOURCE_EXHAUSTED" in failures[0]["error"]
