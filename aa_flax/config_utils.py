@@ -132,3 +132,20 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """A JSON-safe plain dict of ``config`` (tuples become lists)."""
   import json
   return json.loads(config.to_json_best_effort())
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``'configs/cifar.py:aa_wrn28_10'`` -> that file's ``get_config('aa_wrn28_10')``.
+
+  The Python counterpart of ``train.py --config=<path>[:<arg>]`` (for notebooks and tests).
+  """
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"Config file {path!r} does not exist.")
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

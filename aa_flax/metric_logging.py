@@ -27,8 +27,9 @@ class MetricLogger:
       from tensorboardX import SummaryWriter
       self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
 
-  def truncate_after(self, step: int) -> None:
-    """Drops records newer than ``step`` (written by a run that died after its checkpoint)."""
+  def truncate_after(self, step: int, keep_evals_at_step: bool = True) -> None:
+    """Drops records newer than ``step`` (written by a run that died after its checkpoint),
+    and eval records at ``step`` too unless ``keep_evals_at_step``."""
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as handle:
@@ -36,7 +37,9 @@ class MetricLogger:
     kept = []
     for line in records:
       try:
-        if json.loads(line)["step"] <= step:
+        record = json.loads(line)
+        if record["step"] < step or (record["step"] == step and (
+            keep_evals_at_step or record["split"] != "eval")):
           kept.append(line)
       except (ValueError, KeyError):
         continue  # a line cut short by a kill

@@ -306,7 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
         out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
     logger = MetricLogger(workdir, enabled=is_main)
-    logger.truncate_after(start_step)
+    # A run resumed at the last step redoes its final eval, so that eval's record goes too.
+    logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)
     try:
       return _train_loop(config, workdir, state, extra, start_step, total_steps, train_step,
                          eval_step, pipeline, mesh, checkpointer, logger, config_dict, is_main,
@@ -399,10 +400,11 @@ def _train_loop(config, workdir, state, extra, start_step, total_steps, train_st
                      images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
         window = _MetricWindow()
         timer = (time.perf_counter(), step)
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        save(step)
+      # Eval before save: a run killed in between redoes both after resuming.
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
         run_eval(step)
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        save(step)
       # Several processes must agree on the stop step: a host all-gather, done at log steps
       # (already a sync point); a single process checks its flag after every step.
       check_stop = jax.process_count() == 1 or step % config.log_every_steps == 0

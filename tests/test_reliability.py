@@ -29,7 +29,8 @@ from test_train_support import (assert_trees_equal, final_state, read_json, read
 
 STEPS = 160
 LONG_RUN = [f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
-            "--config.checkpoint_every_steps=40", "--config.keep_checkpoints=2"]
+            "--config.checkpoint_every_steps=40", "--config.keep_checkpoints=2",
+            "--config.eval_every_steps=30"]
 
 
 def _start(workdir, *flags) -> subprocess.Popen:
@@ -100,6 +101,16 @@ def test_sigkill_and_sigterm_at_random_points_resume_bitwise(reference_run, tmp_
   run = run_train_py(tmp_path, *LONG_RUN)
   assert run.returncode == 0, run.stderr[-3000:]
   _assert_same_run(tmp_path, reference_run)
+
+
+def test_rerunning_a_finished_run_changes_nothing(reference_run, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(reference_run, workdir)
+  evals = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "eval"]
+  assert [r["step"] for r in evals] == [30, 60, 90, 120, 150, STEPS]
+  run = run_train_py(workdir, *LONG_RUN)
+  assert run.returncode == 0, run.stderr[-3000:]
+  _assert_same_run(workdir, reference_run)
 
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(reference_run, tmp_path):

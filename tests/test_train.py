@@ -217,6 +217,15 @@ def _load_config_module(name):
   return module
 
 
+def test_load_config_matches_train_py_syntax():
+  from aa_flax.config_utils import load_config
+  config = load_config(str(REPO_ROOT / "configs" / "cifar.py:se_wrn28_10,cifar10"))
+  assert (config.model.name, config.data.name) == ("se_wrn28_10", "cifar10")
+  assert load_config(str(REPO_ROOT / "configs" / "default.py")).model.name == "aa_resnet_tiny"
+  with pytest.raises(ConfigError, match="does not exist"):
+    load_config("configs/nope.py:x")
+
+
 @pytest.mark.parametrize("name", ["cifar", "imagenet_resnet", "imagenet_mnasnet"])
 def test_every_family_config_builds_its_models(name):
   from aa_flax.models import create_model, list_models

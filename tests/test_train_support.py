@@ -31,12 +31,8 @@ TRAIN_PY_FLAGS = [f"--config.{key}={value}" for key, value in TINY.items()]
 
 def tiny_config(**overrides):
   """``configs/default.py`` with ``TINY`` and ``overrides`` (dotted keys as ``a__b``) applied."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("default_config",
-                                                REPO_ROOT / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from aa_flax.config_utils import load_config
+  config = load_config(str(REPO_ROOT / "configs" / "default.py"))
   for key, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
     *parents, leaf = key.split(".")
     node = config
