@@ -10,7 +10,6 @@ import json
 import os
 from typing import Any
 
-from absl import logging
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

@@ -5,7 +5,6 @@ The subprocess runs use ``train.py`` with the tiny digits config (``test_train_s
 for 160 steps; resumed runs must end bitwise identical to the uninterrupted one.
 """
 
-import os
 import random
 import shutil
 import signal

@@ -1,11 +1,11 @@
 """Training system end to end: train_and_evaluate, sharding, multi-process, resume, errors."""
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +167,7 @@ def test_two_processes_match_one_process(tmp_path):
   outputs = [w.communicate(timeout=300)[0] for w in workers]
   for worker, output in zip(workers, outputs):
     assert worker.returncode == 0, output[-3000:]
-  results = [eval(line.split("RESULT ", 1)[1].replace("false", "False"))
+  results = [json.loads(line.split("RESULT ", 1)[1])
              for output in outputs for line in output.splitlines() if line.startswith("RESULT")]
   assert len(results) == 2 and results[0] == results[1]
   assert results[0]["num_examples"] == single["num_examples"] == 360
