@@ -168,3 +168,23 @@ def test_augmented_falls_back_to_xla_where_cudnn_cannot_run():
                                 attention.multihead_attention_2d(*args))
   with pytest.raises(ValueError, match="'flash' is not one of"):
     augmented_attention.multihead_attention_2d(*args, implementation="flash")
+
+
+def test_aaconv_with_pallas_matches_xla():
+  """The ``attention_impl`` hook of AAConv: same outputs and parameter gradients."""
+  from aa_flax.layers import AAConv  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+  settings = dict(features=16, key_ratio=0.5, value_ratio=0.5, num_heads=2,
+                  min_key_depth_per_head=4)
+  xla = AAConv(**settings, attention_impl="xla")
+  fused = AAConv(**settings, attention_impl="pallas")
+  params = xla.init(jax.random.key(1), x)["params"]
+
+  def loss(layer):
+    return lambda p: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))
+
+  want_loss, want = jax.value_and_grad(loss(xla))(params)
+  got_loss, got = jax.value_and_grad(loss(fused))(params)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
