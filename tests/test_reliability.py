@@ -46,12 +46,15 @@ def _logged_step(workdir: Path) -> int:
   return max((int(s.split(":")[1]) for s in steps if s.startswith('{"step"')), default=-1)
 
 
-def _wait_for_step(process: subprocess.Popen, workdir: Path, step: int, timeout=240) -> None:
+def _wait_for_step(process: subprocess.Popen, workdir: Path, step: int, timeout=240) -> bool:
+  """Waits until ``metrics.jsonl`` shows ``step``; False if the run ended first."""
   deadline = time.monotonic() + timeout
   while _logged_step(workdir) < step:
-    assert process.poll() is None, f"run ended early: {process.stderr.read()[-3000:]}"
+    if process.poll() is not None:
+      return False
     assert time.monotonic() < deadline, "timed out waiting for training to reach a step"
     time.sleep(0.005)
+  return True
 
 
 def _assert_same_run(workdir: Path, reference: Path) -> None:
@@ -72,7 +75,8 @@ def reference_run(tmp_path_factory) -> Path:
 
 def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(reference_run, tmp_path):
   process = _start(tmp_path)
-  _wait_for_step(process, tmp_path, 15)  # a chosen step, between two periodic checkpoints
+  reached = _wait_for_step(process, tmp_path, 15)  # a chosen step, between two checkpoints
+  assert reached, f"run ended early: {process.stderr.read()[-3000:]}"
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
@@ -91,8 +95,9 @@ def test_sigkill_and_sigterm_at_random_points_resume_bitwise(reference_run, tmp_
   rng = random.Random(1234)
   for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):
     process = _start(tmp_path, "--config.checkpoint_every_steps=5")
-    _wait_for_step(process, tmp_path, _logged_step(tmp_path) + 1)
-    time.sleep(rng.uniform(0.0, 0.5))
+    # The run has started training once it logs past what earlier runs logged.
+    if _wait_for_step(process, tmp_path, _logged_step(tmp_path) + 1):
+      time.sleep(rng.uniform(0.0, 0.5))
     if process.poll() is None:
       process.send_signal(sig)
     process.communicate(timeout=120)
