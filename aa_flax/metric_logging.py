@@ -42,8 +42,10 @@ class MetricLogger:
           kept.append(line)
       except (ValueError, KeyError):
         continue  # a line cut short by a kill
-    with open(self.path, "w") as handle:
+    temporary = f"{self.path}.tmp"
+    with open(temporary, "w") as handle:  # atomic: a kill now leaves the old file whole
       handle.writelines(kept)
+    os.replace(temporary, self.path)
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> None:
     if not self.enabled:
