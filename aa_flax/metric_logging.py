@@ -18,13 +18,15 @@ TENSORBOARD_DIR = "tensorboard"
 class MetricLogger:
   """Writes metric records; a no-op on processes other than 0 (``enabled=False``)."""
 
-  def __init__(self, workdir: str, enabled: bool):
+  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0):
+    """``resume_step > 0``: TensorBoard drops events after it written by an earlier run."""
     self.enabled = enabled
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tensorboard = None
     if enabled:
       from tensorboardX import SummaryWriter
-      self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR))
+      self._tensorboard = SummaryWriter(logdir=os.path.join(workdir, TENSORBOARD_DIR),
+                                        purge_step=resume_step + 1 if resume_step else None)
 
   def truncate_after(self, step: int, keep_evals_at_step: bool = True) -> None:
     """Drops records newer than ``step`` (written by a run that died after its checkpoint),

@@ -305,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip", **norm),
         in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
         out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-    logger = MetricLogger(workdir, enabled=is_main)
+    logger = MetricLogger(workdir, enabled=is_main, resume_step=start_step)
     # A run resumed at the last step redoes its final eval, so that eval's record goes too.
     logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)
     try:
