@@ -250,7 +250,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--suite", default="sizes", choices=SUITES)
   parser.add_argument("--sizes", default="7,14,28,56",
-                      help=f"square feature sizes; the 'sizes' suite takes {sorted(RESNET50_FILTERS)}")
+                      help="square feature sizes; the 'sizes' suite takes "
+                           f"{sorted(RESNET50_FILTERS)}")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--methods", default=",".join(METHODS))

@@ -13,9 +13,10 @@ Measures, each step in its own process (an out-of-memory step cannot take the re
 7. ``attention_sizes``: the attention micro-benchmark at 7, 14, 28, 56 (batch 8, bf16).
 
 Then writes ``gpu_check.md``/``.json`` with the ratios the issue asks for: AA-ResNet-50 / ResNet-50
-img/s (target >= 0.85), ResNet-50 img/s (target >= 5800 on one H100), and whether step 6 ran.
-Steps stop being started once ``--budget-s`` (default 460 s) is spent, and a running step is
-killed at that mark, so the whole check ends within 8 minutes. ``--smoke`` runs the same plan with tiny models and sizes, for a CPU check.
+img/s (target >= 0.85), ResNet-50 img/s (target >= 5800 on one H100), and whether the 56x56
+runs of step 5 trained. Steps stop being started once ``--budget-s`` (default 460 s) is spent,
+and a running step is killed at that mark, so the whole check ends within 8 minutes.
+``--smoke`` runs the same plan with tiny models and sizes, for a CPU check.
 
   python -m benchmarks.gpu_check                 # on the GPU machine
   python -m benchmarks.gpu_check --smoke         # on CPU: plumbing only

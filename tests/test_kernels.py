@@ -151,7 +151,8 @@ def test_lowers_to_triton_for_gpu(dtype, height, width):
 def test_augmented_depth_attention_matches_xla(height=3, width=5):
   """q'·k' over [q, A_w, A_h] / [k, e_x2, e_y2] reproduces content + relative logits."""
   args = random_inputs(10 + height, height=height, width=width)
-  aug = lambda *a: augmented_attention.multihead_attention_2d(*a, implementation="xla")  # noqa: E731
+  def aug(*a):
+    return augmented_attention.multihead_attention_2d(*a, implementation="xla")
   np.testing.assert_allclose(aug(*args), attention.multihead_attention_2d(*args), atol=2e-5)
   got = jax.grad(weighted_sum(aug), (0, 1, 2, 3, 4))(*args)
   want = jax.grad(weighted_sum(attention.multihead_attention_2d), (0, 1, 2, 3, 4))(*args)

@@ -9,7 +9,8 @@ through its column x2 and its row y2:
 (``A_h``, ``A_w`` are exactly ``attention.relative_logits_2d_parts``). With one-hot key
 codes ``e_x2`` (length W) and ``e_y2`` (length H),
 
-    q'_i = [q_i, A_w[i, :], A_h[i, :]],  k'_j = [k_j, e_x2, e_y2]  =>  q'_i · k'_j = q_i · k_j + S_W[i, j] + S_H[i, j],
+    q'_i = [q_i, A_w[i, :], A_h[i, :]],   k'_j = [k_j, e_x2, e_y2]
+    =>  q'_i · k'_j = q_i · k_j + S_W[i, j] + S_H[i, j],
 
 so relative attention is plain (unscaled) attention with depth ``d + W + H``, which any
 flash-attention backend can run without materialising ``[B, N, HW, HW]``. Extra memory is
