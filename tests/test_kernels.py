@@ -60,12 +60,21 @@ def test_plain_attention_without_tables():
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
 
-def test_bfloat16_matches_xla_within_bf16_rounding():
+def test_bfloat16_forward_and_gradients_within_bf16_rounding():
   args = random_inputs(3, height=3, width=4, dtype=jnp.bfloat16)
   got = relative_attention.multihead_attention_2d(*args)
   assert got.dtype == jnp.bfloat16
   want = attention.multihead_attention_2d(*args)
   np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=3e-2)
+  # Gradients against the float32 truth, relative to each gradient's largest entry.
+  truth = jax.grad(weighted_sum(attention.multihead_attention_2d), (0, 1, 2, 3, 4))(
+      *(a.astype(jnp.float32) for a in args))
+  grads = jax.grad(weighted_sum(relative_attention.multihead_attention_2d), (0, 1, 2, 3, 4))(
+      *args)
+  for name, g, t in zip(("q", "k", "v", "rel_h", "rel_w"), grads, truth):
+    assert g.dtype == jnp.bfloat16, name
+    error = np.max(np.abs(np.asarray(g, np.float32) - t)) / np.max(np.abs(t))
+    assert error < 2e-2, (name, error)
 
 
 def test_return_weights_and_jit():
