@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,11 @@ import numpy as np
 import pytest
 
 from aa_flax import attention
-from benchmarks import bench_attention, bench_train, gpu_check
+
+# benchmarks/ is a top-level package of the repository, not of the installed aa_flax: make the
+# repository root importable also when pytest is started as `pytest` rather than `python -m`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import bench_attention, bench_train, gpu_check  # noqa: E402
 
 
 def test_naive_explicit_table_matches_attention():
