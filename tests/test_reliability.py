@@ -240,3 +240,46 @@ def test_unwritable_workdir_and_full_disk_fail_before_training(tmp_path, monkeyp
   with pytest.raises(WorkdirError, match=r"has 0.0 MiB free but the checkpoints need about"):
     aa_flax.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
   assert not (tmp_path / "full" / "checkpoints").exists()
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+MULTI_STEPS = 40  # steps over gloo between two processes are slow on two cores
+
+
+def _start_two_processes(workdir: Path, *flags) -> list[subprocess.Popen]:
+  """``train.py`` as 2 processes x 4 CPU devices (gloo collectives, localhost coordinator)."""
+  env = subprocess_env(num_devices=4)
+  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+  port = _free_port()
+  return [subprocess.Popen(
+      train_py_command(workdir, *LONG_RUN, f"--config.num_train_steps={MULTI_STEPS}", *flags,
+                       f"--coordinator_address=127.0.0.1:{port}",
+                       "--num_processes=2", f"--process_id={i}"),
+      env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes(tmp_path):
+  processes = _start_two_processes(tmp_path)
+  assert _wait_for_step(processes[0], tmp_path, 10), processes[0].stderr.read()[-3000:]
+  processes[1].send_signal(signal.SIGTERM)  # only one host hears of the preemption
+  outputs = [p.communicate(timeout=120)[1] for p in processes]
+  assert [p.returncode for p in processes] == [EXIT_PREEMPTED] * 2, outputs[1][-3000:]
+  stop_steps = {line.split("checkpoint of step ")[1].split(" ")[0]
+                for out in outputs for line in out.splitlines() if "Preempted:" in line}
+  assert len(stop_steps) == 1  # both processes stopped after the same step
+  stop = int(stop_steps.pop())
+  assert stop % 5 == 0 and stop < MULTI_STEPS  # agreed at a log step
+  assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == stop
+  resumed = _start_two_processes(tmp_path)
+  outputs = [p.communicate(timeout=300)[1] for p in resumed]
+  assert [p.returncode for p in resumed] == [0, 0], outputs[0][-3000:]
+  assert f"Resumed from {tmp_path / 'checkpoints' / str(stop)}" in outputs[0]
+  results = read_json(tmp_path / "eval_results.json")
+  assert results["step"] == MULTI_STEPS and results["num_examples"] == 360
