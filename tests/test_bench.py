@@ -67,9 +67,13 @@ def test_parse_override():
 
 def test_gpu_check_plan_and_summary(tmp_path):
   steps = gpu_check.plan(gpu_check.FULL, str(tmp_path))
-  assert [name for name, _ in steps] == ["plain", "aa_xla", "aa_pallas", "aa_cudnn",
-                                         "aa56_pallas", "aa56_cudnn", "attention_layers",
+  assert [name for name, _ in steps] == ["plain", "aa_xla", "aa_pallas", "aa56_pallas",
+                                         "aa_cudnn", "attention_layers", "aa56_cudnn",
                                          "attention_sizes"]
+  only = gpu_check.main(["--dry-run", "--only", "attention_layers,plain"])
+  assert [name for name, _ in only] == ["plain", "attention_layers"]
+  with pytest.raises(SystemExit):
+    gpu_check.main(["--dry-run", "--only", "plian"])
   aa56 = dict(steps)["aa56_pallas"]
   assert aa56[len(aa56) - 1 - aa56[::-1].index("--batch") + 1] == "128"  # last --batch wins
   assert "attention_pool_stages=()" in aa56 and "attention_impl=pallas" in aa56
