@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 RelativeMethod = Literal["gather", "skew"]
 RELATIVE_METHODS = ("gather", "skew")
-ATTENTION_IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # see aa_flax.kernels.attention_fn
 POSITION_ENCODINGS = ("none", "relative", "sine", "coordconv")
 
 

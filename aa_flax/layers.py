@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aa_flax import attention
+from aa_flax import attention, kernels
 
 Dtype = Any
 KernelSize = Union[int, Sequence[int]]
@@ -239,22 +239,18 @@ class AAConv(nn.Module):
 
 
   def _attend(self, q, k, v, rel_h, rel_w):
-    """Runs the chosen attention implementation: ``[B, N, h, w, d]`` -> ``[B, N, h, w, d_v^h]``."""
-    if self.attention_impl == "xla":
-      def attend(q, k, v, rel_h, rel_w):
-        return attention.multihead_attention_2d(
-            q, k, v, rel_h, rel_w, relative_method=self.relative_method, return_weights=True)
-    else:
-      from aa_flax import kernels  # pylint: disable=import-outside-toplevel
-      fused = kernels.attention_fn(self.attention_impl)
+    """Runs the chosen attention implementation: ``[B, N, h, w, d]`` -> ``[B, N, h, w, d_v^h]``.
 
-      def attend(q, k, v, rel_h, rel_w):
-        return fused(q, k, v, rel_h, rel_w), None
-    if self.remat:
-      attend = jax.checkpoint(attend)
-    out, weights = attend(q, k, v, rel_h, rel_w)
-    if weights is not None:
-      self.sow("intermediates", "attention_weights", weights)
+    The weights are computed (and sown) only when ``intermediates`` is mutable.
+    """
+    attend = kernels.attention_fn(self.attention_impl, self.remat)
+    want_weights = self.is_mutable_collection("intermediates")
+    result = attend(q, k, v, rel_h, rel_w, relative_method=self.relative_method,
+                    return_weights=want_weights)
+    if not want_weights:
+      return result
+    out, weights = result
+    self.sow("intermediates", "attention_weights", weights)
     return out
 
 

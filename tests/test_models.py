@@ -174,3 +174,12 @@ def test_flop_counting_conventions():
   assert abs(resnet50 - 8.2) / 8.2 < 0.005
   with pytest.raises(ValueError, match="convention"):
     count_flops(OneConv(), (1, 8, 8, 2), "macs")
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "mnasnet_1.0"])
+def test_models_without_attention_ignore_attention_stages(name):
+  model = create_model(name, 3)
+  shape = (2, 32, 24, 3)
+  logits = jax.eval_shape(lambda x: model.init_with_output(
+      {"params": jax.random.key(0)}, x, train=False)[0], jax.ShapeDtypeStruct(shape, jnp.float32))
+  assert logits.shape == (2, 3)

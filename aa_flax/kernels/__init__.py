@@ -14,7 +14,7 @@ import jax
 from aa_flax import attention
 from aa_flax.kernels import augmented_attention, relative_attention
 
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
+ATTENTION_IMPLS = attention.ATTENTION_IMPLS
 
 __all__ = ["ATTENTION_IMPLS", "attention_fn", "augmented_attention", "relative_attention"]
 

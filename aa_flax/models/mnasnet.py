@@ -114,8 +114,8 @@ class MnasNet(nn.Module):
     check_images(images, "MnasNet")
     if not self.width_multiplier > 0:
       raise ValueError(f"width_multiplier must be > 0, got {self.width_multiplier}")
-    bad = [s for s in (*self.attention_stages, *self.attention_pool_stages)
-           if not 0 <= s < len(MNASNET_A1_STAGES)]
+    stages = (*self.attention_stages, *self.attention_pool_stages) if self.attention else ()
+    bad = [s for s in stages if not 0 <= s < len(MNASNET_A1_STAGES)]
     if bad:
       raise ValueError(f"attention stages {bad} out of range (valid: "
                        f"0..{len(MNASNET_A1_STAGES) - 1})")

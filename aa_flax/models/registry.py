@@ -62,9 +62,10 @@ def _build_registry() -> dict[str, tuple[type, dict[str, Any]]]:
     registry[f"aa_mnasnet_{width}"] = (MnasNet, dict(width_multiplier=float(width),
                                                      attention=AA_MNASNET))
   # Small models for CPU runs, tests and the embedded default (any image size >= 4 px).
-  tiny = dict(stage_sizes=(1, 1, 1), block="basic", width=16, stem="cifar")
+  tiny = dict(stage_sizes=(1, 1, 1), block="basic", width=16, stem="cifar",
+              attention_stages=(1, 2))
   registry["resnet_tiny"] = (ResNet, tiny)
-  registry["aa_resnet_tiny"] = (ResNet, dict(tiny, attention=AA_TINY, attention_stages=(1, 2)))
+  registry["aa_resnet_tiny"] = (ResNet, dict(tiny, attention=AA_TINY))
   return registry
 
 

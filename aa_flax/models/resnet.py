@@ -111,8 +111,8 @@ class ResNet(nn.Module):
       raise ValueError(f"block {self.block!r} is not one of {tuple(BLOCKS)}")
     if self.stem not in STEMS:
       raise ValueError(f"stem {self.stem!r} is not one of {STEMS}")
-    bad_stages = [s for s in (*self.attention_stages, *self.attention_pool_stages)
-                  if not 0 <= s < len(self.stage_sizes)]
+    stages = (*self.attention_stages, *self.attention_pool_stages) if self.attention else ()
+    bad_stages = [s for s in stages if not 0 <= s < len(self.stage_sizes)]
     if bad_stages:
       raise ValueError(f"attention stages {bad_stages} out of range for "
                        f"{len(self.stage_sizes)} stages (valid: 0..{len(self.stage_sizes) - 1})")
