@@ -23,7 +23,7 @@ import optax
 from absl import logging
 
 from aa_flax import config_utils, optim, parallel
-from aa_flax.errors import ConfigError, NonFiniteError
+from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
 
 EVAL_RESULTS_FILE = "eval_results.json"
 CONFIG_FILE = "config.json"
@@ -320,7 +320,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline, mesh,
                    is_main) -> dict[str, Any]:
-  from aa_flax.errors import WorkdirError
   if config.checkpoint_path:
     restored = checkpointer.restore_path(config.checkpoint_path, abstract_state)
   else:
@@ -388,6 +387,9 @@ def _train_loop(config, workdir, state, extra, start_step, total_steps, train_st
       state, metrics = train_step(state, batch)
       step += 1
       pending.append((step, metrics))
+      if step == start_step + 1:  # keep compilation out of img/s and the ETA
+        jax.block_until_ready(metrics)
+        timer = (time.perf_counter(), step)
       if step % config.log_every_steps == 0 or step == total_steps:
         flush()
         means = window.means()
