@@ -150,8 +150,6 @@ def test_model_settings_raise_value_error_or_trace(name, num_classes, overrides,
   assert name != "aa_resnt" and "kernel_size" not in overrides and num_classes >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="ResNet does not validate width: width=0 raises "
-                   "ZeroDivisionError and width=-1 TypeError (aa_flax/models, not ours to edit)")
 @pytest.mark.parametrize("width", [0, -1])
 def test_nonpositive_model_width_raises_value_error(width):
   from aa_flax.models import create_model

@@ -111,6 +111,13 @@ class ResNet(nn.Module):
       raise ValueError(f"block {self.block!r} is not one of {tuple(BLOCKS)}")
     if self.stem not in STEMS:
       raise ValueError(f"stem {self.stem!r} is not one of {STEMS}")
+    if not isinstance(self.width, int) or self.width < 1:
+      raise ValueError(f"width must be a positive int, got {self.width!r}")
+    if not self.stage_sizes or any(not isinstance(n, int) or n < 1 for n in self.stage_sizes):
+      raise ValueError(f"stage_sizes must be a non-empty sequence of positive ints, got "
+                       f"{self.stage_sizes!r}")
+    if self.se_reduction is not None and self.se_reduction < 1:
+      raise ValueError(f"se_reduction must be None or >= 1, got {self.se_reduction!r}")
     stages = (*self.attention_stages, *self.attention_pool_stages) if self.attention else ()
     bad_stages = [s for s in stages if not 0 <= s < len(self.stage_sizes)]
     if bad_stages:
