@@ -110,7 +110,7 @@ VALID_MODEL_OVERRIDES = st.fixed_dictionaries({}, optional={
     "min_key_depth_per_head": st.sampled_from([0, 4]),
 })
 INVALID_MODEL_OVERRIDES = [
-    ("num_heads", 0), ("key_ratio", 0.0), ("value_ratio", 2.0),
+    ("width", 0), ("width", -1), ("num_heads", 0), ("key_ratio", 0.0), ("value_ratio", 2.0),
     ("position_encoding", "learned"), ("stem", "vgg"), ("attention_stages", (7,)),
     ("attention_stages", (-1,)), ("min_key_depth_per_head", -1),
     ("kernel_size", 3),  # not a model field: must be refused by name
