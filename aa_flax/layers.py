@@ -152,7 +152,8 @@ class AAConv(nn.Module):
     return attention_depths(self.features, self.key_ratio, self.value_ratio, self.num_heads,
                             self.min_key_depth_per_head, self.key_depth, self.value_depth)
 
-  def _validate(self) -> None:
+  def validate(self) -> None:
+    """Raises ``ValueError`` for any invalid setting (also run at the first call)."""
     _pair(self.kernel_size, "kernel_size")
     if not isinstance(self.strides, int) or self.strides < 1:
       raise ValueError(f"strides must be a positive int, got {self.strides!r}")
@@ -169,6 +170,7 @@ class AAConv(nn.Module):
     if self.relative_method not in attention.RELATIVE_METHODS:
       raise ValueError(f"relative_method {self.relative_method!r} is not one of "
                        f"{attention.RELATIVE_METHODS}")
+    self.depths  # pylint: disable=pointless-statement
 
   def _relative_table(self, name: str, length: int, depth: int) -> jax.Array:
     shape = (2 * length - 1, depth)
@@ -187,7 +189,7 @@ class AAConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x ``[B, H, W, C_in]`` -> ``[B, ceil(H/s), ceil(W/s), features]``."""
-    self._validate()
+    self.validate()
     depths = self.depths
     if x.ndim != 4 or min(x.shape[1:]) < 1:
       raise ValueError(f"AAConv input must be [B, H, W, C] with positive sizes, got {x.shape}")

@@ -183,3 +183,12 @@ def test_models_without_attention_ignore_attention_stages(name):
   logits = jax.eval_shape(lambda x: model.init_with_output(
       {"params": jax.random.key(0)}, x, train=False)[0], jax.ShapeDtypeStruct(shape, jnp.float32))
   assert logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("override,match", [
+    (dict(num_heads=0), "num_heads"), (dict(key_ratio=-0.1), "key_ratio"),
+    (dict(value_ratio=2.0), "value_ratio"), (dict(position_encoding="learned"), "position"),
+    (dict(relative_method="tile"), "relative_method"), (dict(attention_impl="cuda"), "impl")])
+def test_invalid_attention_overrides_fail_at_create_model(override, match):
+  with pytest.raises(ValueError, match=match):
+    create_model("aa_resnet50", 10, attention_stages=(), **override)

@@ -35,6 +35,14 @@ class AttentionSettings:
   attention_impl: str = "xla"
   remat: bool = False
 
+  def __post_init__(self):
+    # Validate once, when a model is created, with the checks AAConv itself applies
+    # (ratios, heads, encodings, methods); value_ratio <= 1 keeps d_v <= features for any F.
+    heads = self.num_heads if isinstance(self.num_heads, int) and self.num_heads > 0 else 1
+    probe = make_aaconv(self, features=64 * heads, kernel_size=3, strides=1, attention_pool=None,
+                        dtype=jnp.float32, name=None)
+    probe.validate()
+
 
 ATTENTION_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(AttentionSettings))
 
