@@ -81,6 +81,24 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def imagenet_base_config(model_name: str) -> ml_collections.ConfigDict:
+  """``base_config()`` with the ImageNet settings every ImageNet family shares: 224 px
+  Inception crops, global batch 1024, bf16 compute, logging/checkpoint/eval cadence."""
+  config = base_config()
+  config.model.name = model_name
+  config.data.name = "imagenet2012"
+  config.data.image_size = 224
+  config.data.augment = "inception"
+  config.data.num_threads = 16
+  config.batch_size = 1024
+  config.eval_batch_size = 1024
+  config.half_precision = True
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.eval_every_steps = 12_510  # every ~10 epochs at batch 1024
+  return config
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ``ConfigError`` naming the first invalid value and the valid ones."""
   if config.on_nonfinite not in NONFINITE_POLICIES:

@@ -17,7 +17,7 @@ AA 77.7 / 93.8.
 
 import math
 
-from aa_flax.config_utils import base_config
+from aa_flax.config_utils import imagenet_base_config
 
 WIDTHS = ("0.75", "1.0", "1.25", "1.4")
 MODELS = tuple(f"{prefix}mnasnet_{width}" for prefix in ("", "aa_") for width in WIDTHS)
@@ -28,16 +28,8 @@ def get_config(arg: str = "aa_mnasnet_1.0"):
   if arg not in MODELS:
     raise ValueError(f"configs/imagenet_mnasnet.py arg {arg!r}: valid: {', '.join(MODELS)}.")
   augmented = arg.startswith("aa_")
-  config = base_config()
-  config.model.name = arg
-  config.data.name = "imagenet2012"
-  config.data.image_size = 224
-  config.data.augment = "inception"
-  config.data.num_threads = 16
-  config.batch_size = 1024
-  config.eval_batch_size = 1024
+  config = imagenet_base_config(arg)
   config.num_epochs = EPOCHS
-  config.half_precision = True
   config.label_smoothing = 0.1
   config.optimizer.name = "rmsprop"
   config.optimizer.momentum = 0.9
@@ -51,7 +43,4 @@ def get_config(arg: str = "aa_mnasnet_1.0"):
   # Half the peak LR, same final LR: rate' ** n = 2 * rate ** n.
   config.optimizer.decay_rate = DECAY_RATE * (2.0 ** (1.0 / num_decays) if augmented else 1.0)
   config.optimizer.weight_decay = 1e-5
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 2000
-  config.eval_every_steps = 12_510
   return config

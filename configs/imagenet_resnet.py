@@ -22,7 +22,7 @@ ResNet-50 76.4 / 93.1; SE-ResNet-50 77.5 / 93.7; AA-ResNet-50 77.7 / 93.8; ResNe
 77.7. On 8 TPUv3 cores expect about a day for ResNet-50 (not measured here).
 """
 
-from aa_flax.config_utils import base_config
+from aa_flax.config_utils import imagenet_base_config
 
 DEPTHS = (34, 50, 101, 152)
 MODELS = tuple(f"{prefix}resnet{depth}" for prefix in ("", "aa_", "se_") for depth in DEPTHS) + \
@@ -38,25 +38,14 @@ def get_config(arg: str = "aa_resnet50"):
   if encoding and (encoding not in POSITION_ENCODINGS or not model.startswith(("aa_", "fa_"))):
     raise ValueError(f"configs/imagenet_resnet.py arg {arg!r}: position encoding must be one of "
                      f"{POSITION_ENCODINGS} and needs an aa_ or fa_ model.")
-  config = base_config()
-  config.model.name = model
+  config = imagenet_base_config(model)
   if encoding:
     config.model.overrides.position_encoding = encoding
-  config.data.name = "imagenet2012"
-  config.data.image_size = 224
-  config.data.augment = "inception"
-  config.data.num_threads = 16
-  config.batch_size = 1024
-  config.eval_batch_size = 1024
   config.num_epochs = 100.0
-  config.half_precision = True
   config.optimizer.name = "sgd"
   config.optimizer.nesterov = True
   config.optimizer.base_learning_rate = 0.1
   config.optimizer.warmup_epochs = 5.0
   config.optimizer.schedule = "cosine"
   config.optimizer.weight_decay = 1e-4
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 2000
-  config.eval_every_steps = 12_510  # every ~10 epochs at batch 1024
   return config
