@@ -2,12 +2,14 @@
 
   python train.py --workdir=/tmp/run [--config=configs/<file>.py[:<arg>]] [--config.a.b=v ...]
 
-Without ``--config`` the embedded default (``configs/default.py``) runs. Multi-process runs
-(TPU pods, GPU clusters) call ``jax.distributed.initialize`` first; see README, "Multi-host".
-Exit status: 0 done; 1 a user error (message on stderr); 75 preempted by SIGTERM after
+Without ``--config`` the embedded default (``configs/default.py``) runs. Every config key is
+listed in docs/CONFIG.md. Multi-process runs (TPU pods, GPU clusters) call
+``jax.distributed.initialize`` first; see README, "Multi-host and multi-GPU".
+Exit status: 0 done; 1 a user error (one line on stderr); 75 preempted by SIGTERM after
 writing a checkpoint (rerun the same command to resume).
 """
 
+import logging as python_logging
 import os
 import sys
 
@@ -16,6 +18,36 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "default.py")
+
+
+def _config_arguments(argv: list[str]) -> tuple[str, list[str]]:
+  """The ``--config`` spec and the keys of the ``--config.<key>=`` overrides in ``argv``."""
+  spec, keys = _DEFAULT_CONFIG, []
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith("--config="):
+      spec = arg.partition("=")[2]
+    elif arg.startswith("--config."):
+      keys.append(arg[len("--config."):].partition("=")[0])
+  return spec, keys
+
+
+def _exit_on_bad_config_arguments(argv: list[str]) -> None:
+  """Checks the config file, its argument and every override key before absl sees them, so
+  a mistake prints one line (with the closest valid names) instead of a traceback."""
+  from aa_flax import config_utils
+  from aa_flax.errors import ConfigError
+  spec, keys = _config_arguments(argv)
+  try:
+    config_utils.check_override_keys(config_utils.load_config(spec), keys)
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  _exit_on_bad_config_arguments(sys.argv)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and "
                                "eval results; a run resumes from its newest checkpoint.")
@@ -37,21 +69,30 @@ def _quiet_orbax(record) -> bool:
   return "orbax" not in record.pathname or record.levelno >= logging.converter.STANDARD_WARNING
 
 
+def _summary(config, workdir: str) -> str:
+  """One line on what this run trains (the whole config goes to <workdir>/config.json)."""
+  length = (f"{config.num_train_steps} steps" if config.num_train_steps > 0
+            else f"{config.num_epochs:g} epochs")
+  return (f"Training {config.model.name} on {config.data.name}, global batch "
+          f"{config.batch_size}, {length}; workdir {workdir} (full config: config.json there).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  # jax reports at INFO each accelerator plugin it does not find (e.g. no TPU on a GPU host).
+  python_logging.getLogger("jax._src.xla_bridge").setLevel(python_logging.WARNING)
   from aa_flax import parallel
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                                   _NUM_PROCESSES.value, _PROCESS_ID.value)
   import aa_flax
   from aa_flax.errors import AAFlaxError
   from aa_flax.preemption import EXIT_PREEMPTED
-  logging.info("Config:\n%s", _CONFIG.value)
+  logging.info(_summary(_CONFIG.value, _WORKDIR.value))
   try:
     result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except AAFlaxError as error:
-    logging.error("%s: %s", type(error).__name__, error)
     print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
     sys.exit(1)
   if result["preempted"]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from aa_flax.errors import ConfigError
 
@@ -25,9 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "resnet50"
-  config.model.overrides = ml_collections.ConfigDict()  # kwargs for create_model
+  config.model = model_section("resnet50")
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits"
@@ -79,6 +78,30 @@ def base_config() -> ml_collections.ConfigDict:
   config.on_nonfinite = "stop"  # stop | skip (the step's update is dropped)
   config.allow_config_mismatch = False  # resume even if model/data keys changed
   return config
+
+
+def model_section(name: str) -> ml_collections.ConfigDict:
+  """``config.model``: the registry ``name`` plus a key for every model field and, under
+  ``attention``, every attention setting. ``None`` (the default) keeps the model's own value;
+  anything else is passed to ``create_model`` (see ``model_overrides``)."""
+  from aa_flax.models import registry
+  section = ml_collections.ConfigDict()
+  section.name = name
+  section.attention = ml_collections.ConfigDict(
+      {key: config_dict.placeholder(kind) for key, kind in registry.attention_options().items()})
+  for key, (kind, _) in registry.model_options().items():
+    section[key] = config_dict.placeholder(kind)
+  return section
+
+
+def model_overrides(model_config) -> dict[str, Any]:
+  """The ``create_model`` keyword arguments ``config.model`` sets (keys that are not None)."""
+  settings = {key: value for key, value in model_config.items()
+              if key not in ("name", "attention") and value is not None}
+  settings.update({key: value for key, value in model_config.attention.items()
+                   if value is not None})
+  return {key: tuple(value) if isinstance(value, list) else value
+          for key, value in settings.items()}
 
 
 def imagenet_base_config(model_name: str) -> ml_collections.ConfigDict:
@@ -156,14 +179,41 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """``'configs/cifar.py:aa_wrn28_10'`` -> that file's ``get_config('aa_wrn28_10')``.
 
   The Python counterpart of ``train.py --config=<path>[:<arg>]`` (for notebooks and tests).
+  A missing file or an argument the file rejects raises ``ConfigError``.
   """
   import importlib.util
   import os
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise ConfigError(f"Config file {path!r} does not exist.")
+    siblings = sorted(f for f in os.listdir(os.path.dirname(path) or ".") if f.endswith(".py")) \
+        if os.path.isdir(os.path.dirname(path) or ".") else []
+    hint = f" Files there: {', '.join(siblings)}." if siblings else ""
+    raise ConfigError(f"Config file {path!r} does not exist.{hint}")
   module_spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except (ValueError, TypeError) as error:
+    raise ConfigError(f"--config={spec}: {error}") from error
+
+
+def check_override_keys(config: ml_collections.ConfigDict, keys: list[str]) -> None:
+  """Raises ``ConfigError`` for the first dotted key that ``config`` lacks, naming the
+  closest valid keys (``keys`` as in ``--config.<key>=...``)."""
+  import difflib
+  leaves = sorted(flatten(config))
+  valid = set()
+  for key in leaves:
+    parts = key.split(".")
+    valid.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+  for key in keys:
+    if key in valid:
+      continue
+    close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
+    if not close:  # a typo in the leaf alone: compare with the keys of the same section
+      section = key.rpartition(".")[0]
+      close = [k for k in leaves if k.rpartition(".")[0] == section][:8]
+    raise ConfigError(f"--config.{key}: no such config key; closest: "
+                      f"{', '.join(close) or 'none'} (every key: docs/CONFIG.md).")

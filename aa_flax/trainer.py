@@ -190,12 +190,22 @@ def _image_size(config, splits) -> tuple[int, int]:
 
 def build_model(config, num_classes: int, dtype) -> nn.Module:
   """``aa_flax.models.create_model`` from ``config.model``; bad names raise ``ConfigError``."""
-  from aa_flax.models import create_model
-  overrides = config.model.overrides.to_dict()
+  from aa_flax.models import create_model, model_spec, registry
+  overrides = config_utils.model_overrides(config.model)
+  try:
+    model_class = model_spec(config.model.name)[0].__name__
+  except ValueError as error:
+    raise ConfigError(f"config.model.name: {error}") from error
+  options = registry.model_options()
+  for key in overrides:
+    if key in options and model_class not in options[key][1]:
+      raise ConfigError(f"config.model.{key}={overrides[key]!r} does not apply to "
+                        f"{config.model.name!r} (a {model_class}); it is a setting of "
+                        f"{', '.join(options[key][1])} models.")
   try:
     return create_model(config.model.name, num_classes, dtype=dtype, **overrides)
   except (ValueError, TypeError) as error:
-    raise ConfigError(f"config.model (name={config.model.name!r}, overrides={overrides}): "
+    raise ConfigError(f"config.model (name={config.model.name!r}, settings={overrides}): "
                       f"{error}") from error
 
 
@@ -266,8 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   try:
     abstract_state = jax.eval_shape(init_state, init_key)
   except ValueError as error:  # settings the model only checks when it sees the images
-    raise ConfigError(f"config.model (name={config.model.name!r}, overrides="
-                      f"{config.model.overrides.to_dict()}) at image shape "
+    raise ConfigError(f"config.model (name={config.model.name!r}, settings="
+                      f"{config_utils.model_overrides(config.model)}) at image shape "
                       f"{pipeline.image_shape}: {error}") from error
   state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
   abstract_state = jax.tree.map(

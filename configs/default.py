@@ -13,7 +13,6 @@ from aa_flax.config_utils import base_config
 def get_config():
   config = base_config()
   config.model.name = "aa_resnet_tiny"
-  config.model.overrides.width = 16  # listed so that --config.model.overrides.width=... works
   config.data.name = "digits"
   config.data.num_threads = 2
   config.batch_size = 64

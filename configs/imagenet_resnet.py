@@ -40,7 +40,7 @@ def get_config(arg: str = "aa_resnet50"):
                      f"{POSITION_ENCODINGS} and needs an aa_ or fa_ model.")
   config = imagenet_base_config(model)
   if encoding:
-    config.model.overrides.position_encoding = encoding
+    config.model.attention.position_encoding = encoding
   config.num_epochs = 100.0
   config.optimizer.name = "sgd"
   config.optimizer.nesterov = True

@@ -1,6 +1,7 @@
 """Data sources, preprocessing and grain pipelines (no training)."""
 
 import collections
+import logging
 from pathlib import Path
 
 import ml_collections
@@ -116,7 +117,22 @@ def test_missing_imagenet_gives_instructions(tmp_path):
   message = str(error.value)
   assert "ILSVRC2012_img_train.tar" in message and "downloads/manual" in message
   assert "tfds build imagenet2012" in message and "--file_format=array_record" in message
+  assert f"{tmp_path / 'tfds' / 'imagenet2012'} holds no prepared version" in message
+  assert "Possible root causes" not in message
   assert not (tmp_path / "tfds").exists()  # nothing written
+
+
+def test_tfrecord_only_dataset_is_named_as_such(tmp_path, caplog):
+  """A dataset prepared in the TFRecord format only: said so, and tfds' warnings about the
+  folders it probes stay out of the log."""
+  version_dir = tmp_path / "tfds" / "cifar10" / "3.0.2"
+  version_dir.mkdir(parents=True)
+  (version_dir / "dataset_info.json").write_text("{}")
+  (version_dir / "cifar10-train.tfrecord-00000-of-00001").write_bytes(b"")
+  config = _data_config(name="cifar10", tfds_data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(DatasetNotFoundError, match="prepared in the TFRecord format only"):
+    load_splits(config, seed=0)
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_preprocess_shapes_and_determinism():

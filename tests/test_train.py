@@ -182,7 +182,7 @@ def test_unknown_model_and_dataset_and_bad_batch_size(tmp_path):
     aa_flax.train_and_evaluate(tiny_config(**{"model.name": "aa_resnet9"}), str(tmp_path))
   with pytest.raises(ConfigError, match="position_encoding 'learned' is not one of"):
     aa_flax.train_and_evaluate(
-        tiny_config(**{"model.overrides.position_encoding": "learned"}), str(tmp_path))
+        tiny_config(**{"model.attention.position_encoding": "learned"}), str(tmp_path))
   with pytest.raises(ConfigError, match="Unknown dataset config.data.name='mnist'"):
     aa_flax.train_and_evaluate(tiny_config(**{"data.name": "mnist"}), str(tmp_path))
   with pytest.raises(ConfigError, match=r"config.batch_size=12 must be a positive multiple of "

@@ -17,7 +17,7 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TRAIN_PY = str(REPO_ROOT / "train.py")
 
 TINY = {
-    "model.overrides.width": 8,
+    "model.width": 8,
     "batch_size": 64,
     "eval_batch_size": 120,
     "num_train_steps": 12,

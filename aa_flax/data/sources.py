@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import os
 from typing import Any, Sequence
 
@@ -249,18 +250,36 @@ def _tfds_splits(data_config) -> DatasetSplits:
   name = data_config.name
   train_split, eval_split, mean, std = TFDS_DATASETS[name]
   data_dir = data_config.tfds_data_dir or os.path.expanduser("~/tensorflow_datasets")
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # tfds warns about the folders it probes
   try:
     sources = tfds.data_source(name, split=[train_split, eval_split], data_dir=data_dir,
                                download=False)
     builder = tfds.builder(name, data_dir=data_dir)
     num_classes = builder.info.features["label"].num_classes
   except Exception as error:  # tfds raises assorted types for missing or TFRecord-only data.
-    raise DatasetNotFoundError(
-        f"Dataset {name!r} is not prepared in {data_dir} in the ArrayRecord format "
-        f"({type(error).__name__}: {str(error).splitlines()[0]}).\n"
-        + prepare_instructions(name, data_dir)) from error
+    raise DatasetNotFoundError(f"{_why_not_prepared(name, data_dir, error)}\n"
+                               + prepare_instructions(name, data_dir)) from error
+  finally:
+    absl_logger.setLevel(level)
   channels = 3
   return DatasetSplits(name=name, train=TfdsSource(sources[0]), eval=TfdsSource(sources[1]),
                        num_classes=data_config.num_classes or num_classes,
                        image_shape=(None, None, channels),
                        mean=tuple(data_config.mean) or mean, std=tuple(data_config.std) or std)
+
+
+def _why_not_prepared(name: str, data_dir: str, error: Exception) -> str:
+  """One sentence on why tfds could not open ``name`` in ``data_dir`` (looks at the files)."""
+  root = os.path.join(data_dir, name)
+  infos = glob.glob(os.path.join(root, "*", "dataset_info.json")) + glob.glob(
+      os.path.join(root, "*", "*", "dataset_info.json"))
+  if not infos:
+    return f"Dataset {name!r} is not prepared: {root} holds no prepared version."
+  version_dir = os.path.dirname(sorted(infos)[-1])
+  if not glob.glob(os.path.join(version_dir, "*.array_record*")):
+    return (f"Dataset {name!r} in {version_dir} is prepared in the TFRecord format only; "
+            "training reads the ArrayRecord format (no TensorFlow needed).")
+  detail = " ".join(str(error).split())
+  return f"Dataset {name!r} in {version_dir} could not be opened ({type(error).__name__}: {detail})."

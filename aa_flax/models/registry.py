@@ -10,6 +10,7 @@ override must be a field of the model class (``width``, ``stem``, ``attention_po
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 import flax.linen as nn
@@ -75,6 +76,53 @@ _REGISTRY = _build_registry()
 def list_models() -> list[str]:
   """All registered model names, sorted."""
   return sorted(_REGISTRY)
+
+
+# Model-class fields that are not user settings: set by create_model itself or by flax.
+_RESERVED_FIELDS = ("parent", "name", "num_classes", "dtype", "attention")
+
+
+def _plain_type(hint) -> type | None:
+  """``int``, ``float``, ``str``, ``bool`` or ``tuple`` for a field's type hint (``Optional``
+  unwrapped, sequences as ``tuple``); ``None`` for anything else."""
+  if typing.get_origin(hint) is typing.Union:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    hint = args[0] if len(args) == 1 else None
+  origin = typing.get_origin(hint) or hint
+  if origin in (int, float, str, bool):
+    return origin
+  if origin in (tuple, list) or (isinstance(origin, type)
+                                 and issubclass(origin, typing.Sequence) and origin is not str):
+    return tuple
+  return None
+
+
+def model_options() -> dict[str, tuple[type, tuple[str, ...]]]:
+  """Every model field a user may set, over all registered classes.
+
+  Returns ``{field: (type, class names that have it)}``; ``type`` is ``int``, ``float``,
+  ``str``, ``bool`` or ``tuple``. These are the ``create_model`` overrides besides the
+  attention settings (and the ``config.model.<field>`` keys of every training config).
+  """
+  options: dict[str, tuple[type, tuple[str, ...]]] = {}
+  for cls in sorted({cls for cls, _ in _REGISTRY.values()}, key=lambda c: c.__name__):
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+      kind = _plain_type(hints.get(field.name))
+      if field.name in _RESERVED_FIELDS or kind is None:
+        continue
+      known_kind, owners = options.get(field.name, (kind, ()))
+      if known_kind is not kind:
+        raise TypeError(f"model field {field.name!r} has type {kind} in {cls.__name__} but "
+                        f"{known_kind} in {owners}; one setting needs one type")
+      options[field.name] = (kind, (*owners, cls.__name__))
+  return options
+
+
+def attention_options() -> dict[str, type]:
+  """``{setting: type}`` for every attention setting of augmented models."""
+  defaults = AttentionSettings()
+  return {name: type(getattr(defaults, name)) for name in ATTENTION_SETTING_NAMES}
 
 
 def model_spec(name: str) -> tuple[type, dict[str, Any]]:

@@ -1,0 +1,96 @@
+"""Configs: every key reachable from the command line, documented, and mistakes reported in
+one line."""
+
+import re
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from aa_flax import config_utils, trainer
+from aa_flax.errors import ConfigError
+from test_train_support import REPO_ROOT, subprocess_env
+
+CONFIG_DOC = REPO_ROOT / "docs" / "CONFIG.md"
+
+
+def _parse_flags(monkeypatch, config_spec: str, *overrides: str):
+  """Parses ``--config=<spec> <overrides>`` the way ``train.py`` does, in-process."""
+  argv = ["train.py", f"--config={config_spec}", *overrides]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides' names here
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
+  flag_values(argv)
+  return holder.value
+
+
+def test_every_config_key_is_documented():
+  documented = set(re.findall(r"^\| `([a-z_.]+)`", CONFIG_DOC.read_text(), re.MULTILINE))
+  documented |= {"data.std"}  # documented together with data.mean
+  keys = set(config_utils.flatten(config_utils.base_config()))
+  assert keys - documented == set(), "keys missing from docs/CONFIG.md"
+  assert documented - keys == set(), "docs/CONFIG.md lists keys that do not exist"
+
+
+def test_attention_and_model_settings_reach_create_model_from_the_command_line(monkeypatch):
+  config = _parse_flags(monkeypatch, str(REPO_ROOT / "configs" / "imagenet_resnet.py:aa_resnet50"),
+                        "--config.model.attention.attention_impl=pallas",
+                        "--config.model.attention.remat=True",
+                        "--config.model.attention.num_heads=4",
+                        "--config.model.attention_pool_stages=(1,2)",
+                        "--config.model.width=32")
+  model = trainer.build_model(config, num_classes=10, dtype=jnp.float32)
+  assert (model.attention.attention_impl, model.attention.remat) == ("pallas", True)
+  assert model.attention.num_heads == 4 and model.width == 32
+  assert tuple(model.attention_pool_stages) == (1, 2)
+  # Unset keys keep the registry's values.
+  assert model.attention.key_ratio == 0.2 and tuple(model.stage_sizes) == (3, 4, 6, 3)
+
+
+def test_model_settings_that_do_not_apply_are_refused():
+  config = config_utils.load_config(str(REPO_ROOT / "configs" / "default.py"))
+  config.model.depth = 16
+  with pytest.raises(ConfigError, match=r"config.model.depth=16 does not apply to "
+                                        r"'aa_resnet_tiny' \(a ResNet\).*WideResNet"):
+    trainer.build_model(config, num_classes=10, dtype=jnp.float32)
+  config = config_utils.load_config(str(REPO_ROOT / "configs" / "cifar.py:wrn28_10"))
+  config.model.attention.num_heads = 4
+  with pytest.raises(ConfigError, match="has no attention"):
+    trainer.build_model(config, num_classes=10, dtype=jnp.float32)
+
+
+def test_override_key_typos_name_the_closest_keys():
+  config = config_utils.base_config()
+  config_utils.check_override_keys(config, ["num_epochs", "model.attention.remat", "model"])
+  with pytest.raises(ConfigError, match=r"--config.num_epoch: no such config key; closest: "
+                                        r"num_epochs"):
+    config_utils.check_override_keys(config, ["num_epochs", "num_epoch"])
+  with pytest.raises(ConfigError, match="closest: model.attention.attention_impl"):
+    config_utils.check_override_keys(config, ["model.attention.attention_imp"])
+
+
+def test_load_config_reports_bad_files_and_arguments_as_config_errors():
+  with pytest.raises(ConfigError, match=r"does not exist\. Files there: .*cifar.py"):
+    config_utils.load_config(str(REPO_ROOT / "configs" / "cifr.py"))
+  with pytest.raises(ConfigError, match=r"cifar.py:aa_wrn28-10: .*valid models"):
+    config_utils.load_config(str(REPO_ROOT / "configs" / "cifar.py:aa_wrn28-10"))
+
+
+def test_train_py_mistakes_print_one_line_and_write_nothing(tmp_path):
+  """A typo'd key, a bad config argument and a missing config file: one line, exit 1."""
+  workdir = tmp_path / "w"
+  for args, expected in [
+      (["--config.num_epoch=1"], "closest: num_epochs"),
+      (["--config=configs/cifar.py:aa_wrn28-10"], "valid models"),
+      (["--config=configs/nope.py"], "does not exist"),
+  ]:
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), f"--workdir={workdir}",
+                          *args], env=subprocess_env(), capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=120)
+    assert run.returncode == 1, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not workdir.exists()
