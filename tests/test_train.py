@@ -228,7 +228,8 @@ def test_load_config_matches_train_py_syntax():
 
 @pytest.mark.parametrize("name", ["cifar", "imagenet_resnet", "imagenet_mnasnet"])
 def test_every_family_config_builds_its_models(name):
-  from aa_flax.models import create_model, list_models
+  from aa_flax.config_utils import flatten
+  from aa_flax.models import list_models
   module = _load_config_module(name)
   args = list(module.MODELS)
   if name == "cifar":
@@ -237,9 +238,9 @@ def test_every_family_config_builds_its_models(name):
     args += [f"aa_resnet{d},{e}" for d in (34, 50) for e in module.POSITION_ENCODINGS]
   for arg in args:
     config = module.get_config(arg)
-    assert set(config.keys()) == set(base_config().keys())
+    assert set(flatten(config)) == set(flatten(base_config()))  # every key in every config
     assert config.model.name in list_models()
-    create_model(config.model.name, 10, **config.model.overrides.to_dict())
+    trainer.build_model(config, 10, jnp.float32)
     assert config.batch_size % 8 == 0 and config.eval_batch_size % 8 == 0
   assert module.__doc__.count("python train.py --config=configs/") >= 1
   with pytest.raises(ValueError, match="valid"):
