@@ -30,7 +30,13 @@ def create_learning_rate_schedule(opt_config, batch_size: int, steps_per_epoch: 
     raise ConfigError(f"Unknown config.optimizer.schedule={opt_config.schedule!r}; valid: "
                       f"{', '.join(SCHEDULES)}.")
   peak = peak_learning_rate(opt_config, batch_size)
-  warmup_steps = min(int(round(opt_config.warmup_epochs * steps_per_epoch)), total_steps)
+  warmup_steps = int(round(opt_config.warmup_epochs * steps_per_epoch))
+  if warmup_steps and warmup_steps >= total_steps:
+    raise ConfigError(
+        f"config.optimizer.warmup_epochs={opt_config.warmup_epochs} ({warmup_steps} steps) is "
+        f"not shorter than training ({total_steps} steps), so the learning rate would never "
+        f"decay; lower warmup_epochs (e.g. to {total_steps / steps_per_epoch / 20:.2g}) or "
+        "train longer.")
   warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
   if opt_config.schedule == "cosine":
     after = optax.cosine_decay_schedule(peak, max(total_steps - warmup_steps, 1))

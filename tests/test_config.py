@@ -94,3 +94,14 @@ def test_train_py_mistakes_print_one_line_and_write_nothing(tmp_path):
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert not workdir.exists()
+
+
+def test_installed_package_requires_every_runtime_dependency():
+  """``pip install .`` must bring everything training needs: requirements.txt is the one list."""
+  import importlib.metadata
+  required = {r.split(";")[0].replace(" ", "") for r in importlib.metadata.requires("aa_flax")}
+  lines = [line.split("#")[0].strip() for line in
+           (REPO_ROOT / "requirements.txt").read_text().splitlines()]
+  listed = {line.replace(" ", "") for line in lines if line}
+  normalise = lambda spec: "".join(sorted(spec.lower()))  # noqa: E731 - specifier order varies
+  assert {normalise(s) for s in listed} <= {normalise(s) for s in required}

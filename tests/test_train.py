@@ -269,6 +269,10 @@ def test_learning_rate_schedule_and_weight_decay_mask():
   assert float(schedule(50)) == pytest.approx(0.2)  # peak 0.1 x 512 / 256
   assert float(schedule(75)) == pytest.approx(0.1, rel=1e-5)  # cosine midpoint
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
+  with pytest.raises(ConfigError, match=r"warmup_epochs=5.0 \(50 steps\) is not shorter than "
+                                        r"training \(40 steps\).*never decay"):
+    optim.create_learning_rate_schedule(config, batch_size=512, steps_per_epoch=10,
+                                        total_steps=40)
   config.momentum, config.nesterov = 0.0, False
   tx = optim.create_optimizer(config, lambda _: 1.0)
   params = {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
