@@ -38,6 +38,10 @@ AA_MNASNET = AttentionSettings(key_ratio=0.1, value_ratio=0.05, num_heads=4,
                                min_key_depth_per_head=0)
 AA_TINY = AttentionSettings(key_ratio=0.25, value_ratio=0.25, num_heads=4,
                             min_key_depth_per_head=8)
+# Registry prefix -> block_attention module (see models/block_attention.py). GE-ResNets use
+# GE-θ, the variant whose ResNet-50 count is the paper's; GE-WRN uses the parameter-free GE-θ⁻,
+# which leaves the WRN count unchanged, as the paper's GE-WRN row does.
+BLOCK_ATTENTION_RESNETS = {"bam": "bam", "cbam": "cbam", "gala": "gala", "ge": "ge_theta"}
 
 
 def _build_registry() -> dict[str, tuple[type, dict[str, Any]]]:
@@ -51,6 +55,8 @@ def _build_registry() -> dict[str, tuple[type, dict[str, Any]]]:
                                                   attention_pool_stages=(1,)))
     if depth != 18:
       registry[f"se_resnet{depth}"] = (ResNet, dict(base, se_reduction=16))
+    for prefix, kind in BLOCK_ATTENTION_RESNETS.items():
+      registry[f"{prefix}_resnet{depth}"] = (ResNet, dict(base, block_attention=kind))
   for ratio in FULLY_ATTENTIONAL_RATIOS:
     registry[f"fa_resnet50_{ratio}"] = (ResNet, dict(
         stage_sizes=RESNET_LAYOUTS[50][0], block="bottleneck", attention_pool_stages=(1,),
@@ -58,6 +64,7 @@ def _build_registry() -> dict[str, tuple[type, dict[str, Any]]]:
   registry["wrn28_10"] = (WideResNet, {})
   registry["aa_wrn28_10"] = (WideResNet, dict(attention=AA_BOTTLENECK))
   registry["se_wrn28_10"] = (WideResNet, dict(se_reduction=16))
+  registry["ge_wrn28_10"] = (WideResNet, dict(block_attention="ge_theta_minus"))
   for width in MNASNET_WIDTHS:
     registry[f"mnasnet_{width}"] = (MnasNet, dict(width_multiplier=float(width)))
     registry[f"aa_mnasnet_{width}"] = (MnasNet, dict(width_multiplier=float(width),

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from aa_flax.layers import SqueezeExcite
+from aa_flax.models.block_attention import block_attention_placement, make_block_attention
 from aa_flax.models.common import (AttentionSettings, batch_norm, check_images,
                                    classifier_head, conv, make_aaconv)
 
@@ -28,6 +29,7 @@ class _ResidualBlock(nn.Module):
   attention: Optional[AttentionSettings] = None
   attention_pool: Optional[int] = None
   se_reduction: Optional[int] = None
+  block_attention: Optional[str] = None
   dtype: Dtype = jnp.float32
 
   def _first_spatial_conv(self, x, filters, strides, name):
@@ -38,10 +40,13 @@ class _ResidualBlock(nn.Module):
     return conv(filters, 3, strides, self.dtype, name)(x)
 
   def _finish(self, x, residual, train, out_filters):
-    """SE on the residual branch, projection shortcut when shapes change, add, ReLU."""
+    """SE / block attention on the residual branch, projection shortcut, add, ReLU."""
     if self.se_reduction:
       residual = SqueezeExcite(max(1, out_filters // self.se_reduction), dtype=self.dtype,
                                name="se")(residual)
+    if self.block_attention:
+      residual = make_block_attention(self.block_attention, self.dtype,
+                                      self.block_attention)(residual, train)
     if x.shape != residual.shape:
       x = conv(out_filters, 1, self.strides, self.dtype, "proj_conv")(x)
       x = batch_norm(train, self.dtype, "proj_bn")(x)
@@ -92,6 +97,9 @@ class ResNet(nn.Module):
     attention_stages: indices of the augmented stages (0-based).
     attention_pool_stages: augmented stages whose attention input is pooled by 2.
     se_reduction: squeeze-excite reduction (16 in SE-ResNets), or None.
+    block_attention: a module of ``block_attention.BLOCK_ATTENTION_KINDS`` ("bam", "cbam",
+      "gala", "ge_theta", ...), placed on every residual branch or after every stage but
+      the last, as the module defines; or None.
   """
   stage_sizes: Sequence[int]
   block: str
@@ -102,6 +110,7 @@ class ResNet(nn.Module):
   attention_stages: Sequence[int] = (1, 2, 3)
   attention_pool_stages: Sequence[int] = ()
   se_reduction: Optional[int] = None
+  block_attention: Optional[str] = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -123,6 +132,7 @@ class ResNet(nn.Module):
     if bad_stages:
       raise ValueError(f"attention stages {bad_stages} out of range for "
                        f"{len(self.stage_sizes)} stages (valid: 0..{len(self.stage_sizes) - 1})")
+    placement = block_attention_placement(self.block_attention) if self.block_attention else None
     block_cls = BLOCKS[self.block]
     x = images.astype(self.dtype)
     if self.stem == "imagenet":
@@ -140,6 +150,10 @@ class ResNet(nn.Module):
             strides=2 if stage > 0 and index == 0 else 1,
             attention=self.attention if augmented else None,
             attention_pool=2 if stage in self.attention_pool_stages else None,
-            se_reduction=self.se_reduction, dtype=self.dtype,
-            name=f"stage{stage + 1}_block{index + 1}")(x, train)
+            se_reduction=self.se_reduction,
+            block_attention=self.block_attention if placement == "residual" else None,
+            dtype=self.dtype, name=f"stage{stage + 1}_block{index + 1}")(x, train)
+      if placement == "stage" and stage < len(self.stage_sizes) - 1:
+        x = make_block_attention(self.block_attention, self.dtype,
+                                 f"stage{stage + 1}_{self.block_attention}")(x, train)
     return classifier_head(x, self.num_classes, self.dtype)
