@@ -1,6 +1,6 @@
-"""Parameter and GFLOP counts of every model in the paper's tables 1, 3, 4 and 6.
+"""Parameter and GFLOP counts of every model in the paper's tables 1, 2, 3, 4 and 6.
 
-    python -m aa_flax.tables [--tables 1,3,4,6] [--no-flops]
+    python -m aa_flax.tables [--tables 1,2,3,4,6] [--no-flops]
 
 prints, for each row, the paper's params and GFlops with their confidence mark from
 PAPER.md ([sure], [likely], [unsure]) beside ours and the relative difference. GFLOPs use the
@@ -31,12 +31,21 @@ class PaperRow:
 
 
 # Input size and classes per table: CIFAR-100 at 32 px, ImageNet at 224 px.
-TABLE_INPUTS = {1: (32, 100), 3: (224, 1000), 4: (224, 1000), 6: (224, 1000)}
+TABLE_INPUTS = {1: (32, 100), 2: (224, 1000), 3: (224, 1000), 4: (224, 1000), 6: (224, 1000)}
 
 PAPER_ROWS: tuple[PaperRow, ...] = (
     PaperRow(1, "Wide-ResNet", "wrn28_10", 36.3, "sure", 10.4, "sure"),
+    PaperRow(1, "GE-Wide-ResNet", "ge_wrn28_10", 36.3, "sure", 10.4, "sure"),
     PaperRow(1, "SE-Wide-ResNet", "se_wrn28_10", 36.5, "sure", 10.4, "sure"),
     PaperRow(1, "AA-Wide-ResNet", "aa_wrn28_10", 36.2, "sure", 10.9, "sure"),
+    # Table 2: ResNet-50 with other attention modules (only top-1 of SE and AA is sure).
+    PaperRow(2, "ResNet-50", "resnet50", 25.6, "unsure"),
+    PaperRow(2, "SE-ResNet-50", "se_resnet50", 28.1, "unsure", 8.7, "unsure"),
+    PaperRow(2, "BAM-ResNet-50", "bam_resnet50", 25.9, "unsure"),
+    PaperRow(2, "CBAM-ResNet-50", "cbam_resnet50", 28.1, "unsure"),
+    PaperRow(2, "GALA-ResNet-50", "gala_resnet50", 29.4, "unsure"),
+    PaperRow(2, "GE-ResNet-50 (GE-θ)", "ge_resnet50", 31.1, "unsure"),
+    PaperRow(2, "AA-ResNet-50", "aa_resnet50", 25.8, "unsure", 8.3, "unsure"),
     PaperRow(3, "ResNet-34", "resnet34", 21.8, "likely", 7.4, "likely"),
     PaperRow(3, "SE-ResNet-34", "se_resnet34", 22.0, "unsure", 7.4, "likely"),
     PaperRow(3, "AA-ResNet-34", "aa_resnet34", 20.7, "likely", 7.1, "likely"),
@@ -107,8 +116,8 @@ def format_tables(tables: Sequence[int], with_flops: bool = True) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--tables", default="1,3,4,6",
-                      help="comma-separated table numbers among 1, 3, 4, 6")
+  parser.add_argument("--tables", default="1,2,3,4,6",
+                      help="comma-separated table numbers among 1, 2, 3, 4, 6")
   parser.add_argument("--no-flops", action="store_true", help="parameters only (faster)")
   args = parser.parse_args(argv)
   try:
