@@ -1,6 +1,7 @@
 """CIFAR Wide-ResNet-28-10 with and without attention augmentation (PAPER.md Table 1).
 
-Arg: ``<model>[,<dataset>]`` with model in wrn28_10 | aa_wrn28_10 | se_wrn28_10 and dataset
+Arg: ``<model>[,<dataset>]`` with model in wrn28_10 | aa_wrn28_10 | se_wrn28_10 | ge_wrn28_10
+(gather-excite, the parameter-free GE-θ⁻ variant) and dataset
 in cifar100 (default, the paper's table) | cifar10.
 
 Commands (tfds cifar100 prepared as ArrayRecord, see README "Data"):
@@ -14,14 +15,15 @@ With the offline CIFAR-10 copy in ../shared/data (npz, a JPEG q75 copy):
 
 Recipe (PAPER.md section 3): 500 epochs, SGD momentum 0.9, LR warm-up from 0 to 0.2 x B/256
 over the first 5% of training then cosine; flips and pad-4 crops [likely]. Batch 256 and
-weight decay 5e-4 for augmented nets vs 1024 and 2e-4 for baselines [unsure].
-Expected CIFAR-100 top-1 / top-5 (Table 1): WRN 80.3 / 95.0; SE-WRN 81.0 / 95.3;
-AA-WRN 81.6 / 95.2. No number has been measured with this code yet.
+weight decay 5e-4 for augmented nets vs 1024 and 2e-4 for baselines [unsure]; SE- and
+GE-WRN use the baseline settings.
+Expected CIFAR-100 top-1 / top-5 (Table 1): WRN 80.3 / 95.0; GE-WRN 79.8 / 95.0;
+SE-WRN 81.0 / 95.3; AA-WRN 81.6 / 95.2. No number has been measured with this code yet.
 """
 
 from aa_flax.config_utils import base_config
 
-MODELS = ("wrn28_10", "aa_wrn28_10", "se_wrn28_10")
+MODELS = ("wrn28_10", "aa_wrn28_10", "se_wrn28_10", "ge_wrn28_10")
 DATASETS = ("cifar100", "cifar10")
 EPOCHS = 500
 
