@@ -1,9 +1,14 @@
 """ImageNet MnasNet-A1 with and without attention augmentation (PAPER.md Table 4).
 
-Arg: ``mnasnet_<width>`` or ``aa_mnasnet_<width>``, width in 0.75 | 1.0 | 1.25 | 1.4.
+Arg: ``<model>[,<placement>]``.
+  model: ``mnasnet_<width>`` or ``aa_mnasnet_<width>``, width in 0.75 | 1.0 | 1.25 | 1.4.
+  placement (aa_ models only): ``first_stage`` (default: the first augmented stage pools its
+         attention input by 2, leaving two layers attending at 28x28) | ``max14`` (every
+         augmented layer pools its attention input to at most 14x14; see README, Table 4).
 
-Command (imagenet2012 prepared as ArrayRecord, see README "Data"):
+Commands (imagenet2012 prepared as ArrayRecord, see README "Data"):
   python train.py --config=configs/imagenet_mnasnet.py:aa_mnasnet_1.0 --workdir=/tmp/aa_mnas
+  python train.py --config=configs/imagenet_mnasnet.py:aa_mnasnet_1.0,max14 --workdir=/tmp/m14
 
 Recipe (PAPER.md section 3, all [unsure]): the MnasNet recipe: RMSProp (decay 0.9, momentum
 0.9, eps 1e-3), 350 epochs, LR 0.016 x B/256 with 5 warm-up epochs then staircase exponential
@@ -21,14 +26,23 @@ from aa_flax.config_utils import imagenet_base_config
 
 WIDTHS = ("0.75", "1.0", "1.25", "1.4")
 MODELS = tuple(f"{prefix}mnasnet_{width}" for prefix in ("", "aa_") for width in WIDTHS)
+# Placement -> model overrides (MnasNet fields).
+PLACEMENTS = {"first_stage": {}, "max14": dict(attention_pool_stages=(), attention_max_size=14)}
 EPOCHS, WARMUP_EPOCHS, DECAY_EPOCHS, DECAY_RATE = 350.0, 5.0, 2.4, 0.97
 
 
 def get_config(arg: str = "aa_mnasnet_1.0"):
-  if arg not in MODELS:
-    raise ValueError(f"configs/imagenet_mnasnet.py arg {arg!r}: valid: {', '.join(MODELS)}.")
-  augmented = arg.startswith("aa_")
-  config = imagenet_base_config(arg)
+  model, _, placement = arg.partition(",")
+  if model not in MODELS:
+    raise ValueError(f"configs/imagenet_mnasnet.py arg {arg!r}: unknown model {model!r}; valid: "
+                     f"{', '.join(MODELS)}.")
+  augmented = model.startswith("aa_")
+  if placement and (placement not in PLACEMENTS or not augmented):
+    raise ValueError(f"configs/imagenet_mnasnet.py arg {arg!r}: placement must be one of "
+                     f"{tuple(PLACEMENTS)} and needs an aa_ model.")
+  config = imagenet_base_config(model)
+  for key, value in PLACEMENTS[placement or "first_stage"].items():
+    config.model.overrides[key] = value
   config.num_epochs = EPOCHS
   config.label_smoothing = 0.1
   config.optimizer.name = "rmsprop"

@@ -33,8 +33,8 @@ def test_parameter_counts_match_paper(row):
     assert abs(params / 1e6 - row.params_m) / row.params_m < 0.005, (row, params)
 
 
-def flat_params(name, size, classes=1000):
-  variables = abstract_variables(create_model(name, classes), (1, size, size, 3))
+def flat_params(name, size, classes=1000, **overrides):
+  variables = abstract_variables(create_model(name, classes, **overrides), (1, size, size, 3))
   return {"/".join(k.key for k in path): v.shape
           for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])}
 
@@ -76,6 +76,24 @@ def test_aa_wrn_and_mnasnet_placement():
   assert mnas["stage2_block1/expand_conv/rel_height"] == (55, 2)  # d_k = 8 over 4 heads
   assert mnas["stage6_block1/expand_conv/rel_height"] == (13, 24)
   assert not any(p.startswith("stage1") and "qkv" in p for p in mnas)
+
+
+def test_mnasnet_placements_attention_sizes():
+  def attention_sizes(**overrides):
+    params = flat_params("aa_mnasnet_1.0", 224, **overrides)
+    return {p.split("/")[0]: (shape[0] + 1) // 2 for p, shape in params.items()
+            if p.endswith("rel_height")}
+
+  default = attention_sizes()
+  assert len(default) == 13
+  # Pooled 56x56 -> 28x28 in the 40-filter stage's first block; unpooled 28x28 in the
+  # 80-filter stage's first block; everything else at 14x14 or 7x7.
+  assert sorted(k for k, v in default.items() if v == 28) == ["stage2_block1", "stage3_block1"]
+  alternative = attention_sizes(attention_pool_stages=(), attention_max_size=14)
+  assert alternative.keys() == default.keys()
+  assert alternative == {k: min(v, 14) for k, v in default.items()}
+  with pytest.raises(ValueError, match=r"attention_pool_stages=\(\) with attention_max_size"):
+    flat_params("aa_mnasnet_1.0", 224, attention_max_size=14)
 
 
 def test_registry_names_and_errors():

@@ -236,6 +236,8 @@ def test_every_family_config_builds_its_models(name):
     args += [f"{m},cifar10" for m in module.MODELS]
   if name == "imagenet_resnet":
     args += [f"aa_resnet{d},{e}" for d in (34, 50) for e in module.POSITION_ENCODINGS]
+  if name == "imagenet_mnasnet":
+    args += [f"aa_mnasnet_1.0,{p}" for p in module.PLACEMENTS]
   for arg in args:
     config = module.get_config(arg)
     assert set(flatten(config)) == set(flatten(base_config()))  # every key in every config

@@ -5,7 +5,9 @@ bottleneck in the 13 MBConv blocks from the 28x28 stage on (stages 40, 80, 112, 
 width 1.0), with N_h=4, κ=0.1, υ=0.05 and no d_k^h floor (the paper's parameter counts only
 match without it), pooling the attention input in the first augmented stage. That stage's
 first block sees the 56x56 map (its stride is on the depthwise conv), so pooling brings its
-attention to 28x28.
+attention to 28x28, while its other two blocks attend at 14x14; the 80-filter stage's first
+block attends at 28x28 unpooled. ``attention_max_size=14`` (with ``attention_pool_stages=()``)
+is the alternative: every augmented layer is pooled until its attention map is at most 14x14.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ class MnasNet(nn.Module):
     attention: AAConv settings, or None.
     attention_stages: indices into MNASNET_A1_STAGES of the augmented stages.
     attention_pool_stages: augmented stages whose attention input is pooled by 2.
+    attention_max_size: instead of ``attention_pool_stages`` (leave that empty), pool the
+      attention input of every augmented layer larger than this by the smallest factor p that
+      brings it to at most ``attention_max_size`` on each side (p = ceil(side / max size)).
     dropout_rate: dropout before the classifier.
   """
   num_classes: int
@@ -106,8 +111,16 @@ class MnasNet(nn.Module):
   attention: Optional[AttentionSettings] = None
   attention_stages: tuple = (1, 2, 3, 4, 5)
   attention_pool_stages: tuple = (1,)
+  attention_max_size: Optional[int] = None
   dropout_rate: float = 0.2
   dtype: Dtype = jnp.float32
+
+  def _attention_pool(self, stage: int, size: tuple[int, int]) -> Optional[int]:
+    """Pool factor of an augmented expansion conv whose input is ``size`` (H, W)."""
+    if self.attention_max_size is None:
+      return 2 if stage in self.attention_pool_stages else None
+    factor = -(-max(size) // self.attention_max_size)
+    return factor if factor > 1 else None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -119,6 +132,13 @@ class MnasNet(nn.Module):
     if bad:
       raise ValueError(f"attention stages {bad} out of range (valid: "
                        f"0..{len(MNASNET_A1_STAGES) - 1})")
+    if self.attention_max_size is not None:
+      if not isinstance(self.attention_max_size, int) or self.attention_max_size < 1:
+        raise ValueError(f"attention_max_size must be None or an int >= 1, got "
+                         f"{self.attention_max_size!r}")
+      if self.attention_pool_stages:
+        raise ValueError(f"set attention_pool_stages=() with attention_max_size (one pooling "
+                         f"rule at a time), got {tuple(self.attention_pool_stages)}")
     stem = round_filters(32, self.width_multiplier)
     x = conv(stem, 3, 2, self.dtype, "stem_conv")(images.astype(self.dtype))
     x = nn.relu(batch_norm(train, self.dtype, "stem_bn", momentum=0.99, epsilon=1e-3)(x))
@@ -136,7 +156,7 @@ class MnasNet(nn.Module):
                    strides=spec.strides if index == 0 else 1,
                    squeeze_excite=spec.squeeze_excite,
                    attention=self.attention if augmented else None,
-                   attention_pool=2 if stage in self.attention_pool_stages else None,
+                   attention_pool=self._attention_pool(stage, x.shape[1:3]),
                    dtype=self.dtype, name=f"stage{stage + 1}_block{index + 1}")(x, train)
     x = conv(1280, 1, 1, self.dtype, "head_conv")(x)
     x = nn.relu(batch_norm(train, self.dtype, "head_bn", momentum=0.99, epsilon=1e-3)(x))
