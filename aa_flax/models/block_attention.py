@@ -47,8 +47,8 @@ class BAM(nn.Module):
   the two are broadcast to ``[B, H, W, C]`` and summed. Placement: ``"stage"`` (three modules
   in a four-stage ResNet). We follow the paper's equations: one BN at the end of each branch
   and the branches summed. The authors' released code differs on both (BN + ReLU after every
-  hidden layer, no BN on the branch outputs, branches multiplied); the parameter count is the
-  same to within a few hundred. The paper's MLP has no stated nonlinearity; we use ReLU.
+  hidden layer, no BN on the branch outputs, branches multiplied), with 2,694 fewer parameters
+  in ResNet-50. The paper's MLP has no stated nonlinearity; we use ReLU.
   """
   placement = "stage"
   reduction: int = 16
