@@ -108,11 +108,12 @@ VALID_MODEL_OVERRIDES = st.fixed_dictionaries({}, optional={
     "stem": st.sampled_from(["cifar", "imagenet"]),
     "attention_stages": st.sampled_from([(), (1,), (1, 2), (0, 2)]),
     "min_key_depth_per_head": st.sampled_from([0, 4]),
+    "block_attention": st.sampled_from(["bam", "cbam", "gala", "ge_theta", "ge_theta_plus"]),
 })
 INVALID_MODEL_OVERRIDES = [
     ("width", 0), ("width", -1), ("num_heads", 0), ("key_ratio", 0.0), ("value_ratio", 2.0),
     ("position_encoding", "learned"), ("stem", "vgg"), ("attention_stages", (7,)),
-    ("attention_stages", (-1,)), ("min_key_depth_per_head", -1),
+    ("attention_stages", (-1,)), ("min_key_depth_per_head", -1), ("block_attention", "sk"),
     ("kernel_size", 3),  # not a model field: must be refused by name
 ]
 # Half the examples keep valid-looking overrides; the rest break one of them.
