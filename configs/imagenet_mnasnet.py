@@ -26,7 +26,7 @@ from aa_flax.config_utils import imagenet_base_config
 
 WIDTHS = ("0.75", "1.0", "1.25", "1.4")
 MODELS = tuple(f"{prefix}mnasnet_{width}" for prefix in ("", "aa_") for width in WIDTHS)
-# Placement -> model overrides (MnasNet fields).
+# Placement -> config.model keys (MnasNet fields).
 PLACEMENTS = {"first_stage": {}, "max14": dict(attention_pool_stages=(), attention_max_size=14)}
 EPOCHS, WARMUP_EPOCHS, DECAY_EPOCHS, DECAY_RATE = 350.0, 5.0, 2.4, 0.97
 
@@ -42,7 +42,7 @@ def get_config(arg: str = "aa_mnasnet_1.0"):
                      f"{tuple(PLACEMENTS)} and needs an aa_ model.")
   config = imagenet_base_config(model)
   for key, value in PLACEMENTS[placement or "first_stage"].items():
-    config.model.overrides[key] = value
+    config.model[key] = value
   config.num_epochs = EPOCHS
   config.label_smoothing = 0.1
   config.optimizer.name = "rmsprop"
