@@ -1,9 +1,8 @@
 """Pure functions for 2D multi-head self-attention with relative position logits.
 
-Notation (PAPER.md section 1): B batch, N heads (N_h), H x W spatial size, d per-head
-depth. Feature maps are flattened row-major, so position (y, x) is index ``y * W + x``.
+Notation: B batch, N heads (N_h), H x W spatial size, d per-head depth. Feature maps are flattened row-major, so position (y, x) is index ``y * W + x``.
 
-Relative logits follow the paper: for query (y, x) and key (y2, x2) the logit gains
+Relative logits: for query (y, x) and key (y2, x2) the logit gains
 ``q . r^W[x2 - x + W - 1] + q . r^H[y2 - y + H - 1]`` (key minus query). Row ``m`` of a
 relative table of length ``2L - 1`` therefore holds offset ``m - (L - 1)``.
 
@@ -30,13 +29,37 @@ import jax.numpy as jnp
 
 RelativeMethod = Literal["gather", "skew"]
 RELATIVE_METHODS = ("gather", "skew")
-ATTENTION_IMPLS = ("xla", "pallas", "cudnn")  # see aa_flax.kernels.attention_fn
 POSITION_ENCODINGS = ("none", "relative", "sine", "coordconv")
 
 
 def _check_method(method: str) -> None:
   if method not in RELATIVE_METHODS:
     raise ValueError(f"relative method {method!r} is not one of {RELATIVE_METHODS}")
+
+
+def _check_tables(q_shape, rel_h, rel_w) -> None:
+  _, _, height, width, depth = q_shape
+  if rel_h.shape != (2 * height - 1, depth) or rel_w.shape != (2 * width - 1, depth):
+    raise ValueError(
+        f"relative tables must be rel_h [2H-1, d] = {(2 * height - 1, depth)} and rel_w "
+        f"[2W-1, d] = {(2 * width - 1, depth)} for q of shape {q_shape}; got rel_h "
+        f"{rel_h.shape}, rel_w {rel_w.shape}")
+
+
+def check_inputs(q, k, v, rel_h=None, rel_w=None, relative_method: str = "gather") -> None:
+  """The input check every attention implementation applies (one-line ``ValueError``).
+
+  q, k ``[B, N, H, W, d_k]`` (equal shapes), v ``[B, N, H, W, d_v]``; rel_h ``[2H - 1, d_k]``
+  and rel_w ``[2W - 1, d_k]``, or both None; ``relative_method`` one of ``RELATIVE_METHODS``.
+  """
+  _check_method(relative_method)
+  if (rel_h is None) != (rel_w is None):
+    raise ValueError("pass both rel_h and rel_w, or neither")
+  if q.ndim != 5 or k.shape != q.shape or v.ndim != 5 or v.shape[:4] != q.shape[:4]:
+    raise ValueError(f"q, k, v must be [B, N, H, W, d] with matching B, N, H, W (and q, k "
+                     f"equal); got q {q.shape}, k {k.shape}, v {v.shape}")
+  if rel_h is not None:
+    _check_tables(q.shape, rel_h, rel_w)
 
 
 def rel_to_abs(x: jax.Array) -> jax.Array:
@@ -102,12 +125,7 @@ def relative_logits_2d_parts(
   _check_method(method)
   if q.ndim != 5:
     raise ValueError(f"q must be [B, N_h, H, W, d], got shape {q.shape}")
-  _, _, height, width, depth = q.shape
-  if rel_h.shape != (2 * height - 1, depth) or rel_w.shape != (2 * width - 1, depth):
-    raise ValueError(
-        f"relative tables must be rel_h [2H-1, d] = {(2 * height - 1, depth)} and rel_w "
-        f"[2W-1, d] = {(2 * width - 1, depth)} for q of shape {q.shape}; got rel_h "
-        f"{rel_h.shape}, rel_w {rel_w.shape}")
+  _check_tables(q.shape, rel_h, rel_w)
   logits_w = _relative_logits_width(q, rel_w, method, precision_type)
   # The height axis is the width computation with H and W swapped.
   q_t = jnp.swapaxes(q, 2, 3)  # [B, N, W, H, d]
@@ -163,11 +181,8 @@ def multihead_attention_2d(
     ``out`` of shape ``[B, N, H, W, d_v]`` in v's dtype, and with ``return_weights`` the
     float32 weights ``[B, N, H*W, H*W]`` (rows: queries, columns: keys, row-major).
   """
-  if (rel_h is None) != (rel_w is None):
-    raise ValueError("pass both rel_h and rel_w, or neither")
+  check_inputs(q, k, v, rel_h, rel_w, relative_method)
   batch, heads, height, width, key_depth = q.shape
-  if k.shape != q.shape or v.shape[:4] != q.shape[:4]:
-    raise ValueError(f"q, k, v shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
   length = height * width
   logits = jnp.einsum(
       "bnqd,bnkd->bnqk",
@@ -233,7 +248,7 @@ def coord_channels(batch: int, height: int, width: int, dtype=jnp.float32) -> ja
 def relative_table_stddev(key_depth_per_head: int) -> float:
   """Init stddev of the relative tables, ``d_k^h ** -0.5``.
 
-  The paper's appendix passes ``d_k^h ** -0.5`` as the first positional argument of
+  The reference implementation passes ``d_k^h ** -0.5`` as the first positional argument of
   TensorFlow's ``random_normal_initializer``, which is the *mean*; the intended reading
   (and ours) is mean 0, stddev ``d_k^h ** -0.5``.
   """

@@ -47,12 +47,56 @@ class AttentionDepths:
     return self.value // self.num_heads
 
 
+# The AAConv fields a model sets once for all its attention layers; the fields of
+# ``aa_flax.models.AttentionSettings`` are derived from these.
+ATTENTION_SETTING_NAMES = ("key_ratio", "value_ratio", "num_heads", "min_key_depth_per_head",
+                           "position_encoding", "relative_method", "attention_impl", "remat")
+
+
+def _check_heads_and_depths(key_ratio, value_ratio, num_heads, min_key_depth_per_head,
+                            key_depth=None, value_depth=None) -> None:
+  if not isinstance(num_heads, int) or num_heads < 1:
+    raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+  if min_key_depth_per_head < 0:
+    raise ValueError(f"min_key_depth_per_head must be >= 0, got {min_key_depth_per_head}")
+  if key_depth is None:
+    if not key_ratio > 0:
+      raise ValueError(f"key_ratio (kappa) must be > 0, got {key_ratio!r}")
+  elif key_depth < 1 or key_depth % num_heads:
+    raise ValueError(f"key_depth must be a positive multiple of num_heads={num_heads}, "
+                     f"got {key_depth}")
+  if value_depth is None:
+    if not 0 < value_ratio <= 1:
+      raise ValueError(f"value_ratio (upsilon) must be in (0, 1], got {value_ratio!r}")
+  elif value_depth < 1 or value_depth % num_heads:
+    raise ValueError(f"value_depth must be a positive multiple of num_heads={num_heads}, "
+                     f"got {value_depth}")
+
+
+def check_attention_settings(key_ratio, value_ratio, num_heads, min_key_depth_per_head,
+                             position_encoding, relative_method, attention_impl, remat,
+                             key_depth=None, value_depth=None) -> None:
+  """Raises ``ValueError`` naming the first invalid attention setting (the settings of
+  ``ATTENTION_SETTING_NAMES`` and the absolute depths; checks that need no feature count)."""
+  _check_heads_and_depths(key_ratio, value_ratio, num_heads, min_key_depth_per_head,
+                          key_depth, value_depth)
+  if position_encoding not in attention.POSITION_ENCODINGS:
+    raise ValueError(f"position_encoding {position_encoding!r} is not one of "
+                     f"{attention.POSITION_ENCODINGS}")
+  if relative_method not in attention.RELATIVE_METHODS:
+    raise ValueError(f"relative_method {relative_method!r} is not one of "
+                     f"{attention.RELATIVE_METHODS}")
+  kernels.check_impl(attention_impl)
+  if not isinstance(remat, bool):
+    raise ValueError(f"remat must be True or False, got {remat!r}")
+
+
 def attention_depths(features: int, key_ratio: float, value_ratio: float, num_heads: int,
                      min_key_depth_per_head: int = 20, key_depth: Optional[int] = None,
                      value_depth: Optional[int] = None) -> AttentionDepths:
   """Resolves d_k and d_v of an AAConv, validating every setting.
 
-  Rules (PAPER.md section 1), chosen so that parameter counts match the paper's tables:
+  Rules, chosen so that parameter counts match the paper's tables:
 
   * ``d_k = max(round_h(key_ratio * features), min_key_depth_per_head * num_heads)`` and
     ``d_v = round_h(value_ratio * features)``, where ``round_h`` rounds to the nearest
@@ -63,29 +107,12 @@ def attention_depths(features: int, key_ratio: float, value_ratio: float, num_he
   """
   if not isinstance(features, int) or features < 1:
     raise ValueError(f"features must be a positive int, got {features!r}")
-  if not isinstance(num_heads, int) or num_heads < 1:
-    raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
-  if min_key_depth_per_head < 0:
-    raise ValueError(f"min_key_depth_per_head must be >= 0, got {min_key_depth_per_head}")
-  if key_depth is None:
-    if not key_ratio > 0:
-      raise ValueError(f"key_ratio (kappa) must be > 0, got {key_ratio!r}")
-    key = _round_to_heads(key_ratio * features, num_heads)
-  else:
-    if key_depth < 1 or key_depth % num_heads:
-      raise ValueError(f"key_depth must be a positive multiple of num_heads={num_heads}, "
-                       f"got {key_depth}")
-    key = key_depth
+  _check_heads_and_depths(key_ratio, value_ratio, num_heads, min_key_depth_per_head,
+                          key_depth, value_depth)
+  key = _round_to_heads(key_ratio * features, num_heads) if key_depth is None else key_depth
   key = max(key, min_key_depth_per_head * num_heads)
-  if value_depth is None:
-    if not 0 < value_ratio <= 1:
-      raise ValueError(f"value_ratio (upsilon) must be in (0, 1], got {value_ratio!r}")
-    value = _round_to_heads(value_ratio * features, num_heads)
-  else:
-    if value_depth < 1 or value_depth % num_heads:
-      raise ValueError(f"value_depth must be a positive multiple of num_heads={num_heads}, "
-                       f"got {value_depth}")
-    value = value_depth
+  value = (_round_to_heads(value_ratio * features, num_heads) if value_depth is None
+           else value_depth)
   if value > features:
     raise ValueError(
         f"value depth d_v={value} exceeds features={features} (value_ratio={value_ratio}, "
@@ -111,7 +138,7 @@ class AAConv(nn.Module):
   ``features - d_v`` channels come from a ``kernel_size`` convolution and the last ``d_v``
   from multi-head self-attention (heads concatenated, then a 1x1 conv W^O).
 
-  Attention branch (PAPER.md section 1): a 1x1 conv gives ``2 d_k + d_v`` channels split into
+  Attention branch: a 1x1 conv gives ``2 d_k + d_v`` channels split into
   q, k, v; q is scaled by ``(d_k^h) ** -0.5`` before both the content and the relative logits;
   relative tables ``rel_height [2H'-1, d_k^h]`` and ``rel_width [2W'-1, d_k^h]`` are shared
   across heads and sized from the spatial size H' x W' attention actually sees.
@@ -125,7 +152,9 @@ class AAConv(nn.Module):
     the W^O output is bilinearly upsampled back to the output size.
 
   ``key_ratio = value_ratio = 1`` gives the fully attentional layer (no conv branch).
-  The attention weights ``[B, N_h, H'W', H'W']`` are sown into the ``intermediates``
+  ``attention_impl`` picks how attention runs (one of ``aa_flax.kernels.ATTENTION_IMPLS``;
+  ``"auto"`` is the best path of the backend, see ``aa_flax.kernels``); all give the same
+  outputs and gradients. The attention weights ``[B, N_h, H'W', H'W']`` are sown into the ``intermediates``
   collection as ``attention_weights`` (stored only when that collection is mutable).
   """
   features: int
@@ -157,19 +186,12 @@ class AAConv(nn.Module):
     _pair(self.kernel_size, "kernel_size")
     if not isinstance(self.strides, int) or self.strides < 1:
       raise ValueError(f"strides must be a positive int, got {self.strides!r}")
-    if self.position_encoding not in attention.POSITION_ENCODINGS:
-      raise ValueError(f"position_encoding {self.position_encoding!r} is not one of "
-                       f"{attention.POSITION_ENCODINGS}")
     if self.attention_pool is not None and (not isinstance(self.attention_pool, int)
                                             or self.attention_pool < 1):
       raise ValueError(f"attention_pool must be None or an int >= 1, got "
                        f"{self.attention_pool!r}")
-    if self.attention_impl not in attention.ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
-                       f"{attention.ATTENTION_IMPLS}")
-    if self.relative_method not in attention.RELATIVE_METHODS:
-      raise ValueError(f"relative_method {self.relative_method!r} is not one of "
-                       f"{attention.RELATIVE_METHODS}")
+    check_attention_settings(**{name: getattr(self, name) for name in ATTENTION_SETTING_NAMES},
+                             key_depth=self.key_depth, value_depth=self.value_depth)
     self.depths  # pylint: disable=pointless-statement
 
   def _relative_table(self, name: str, length: int, depth: int) -> jax.Array:

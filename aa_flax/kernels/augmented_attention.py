@@ -1,4 +1,4 @@
-"""2D relative attention as plain attention over an augmented depth (for cuDNN flash attention).
+"""2D relative attention as plain attention over an augmented depth, run by cuDNN on GPU.
 
 The relative logits of a query i = (y, x) against a key j = (y2, x2) depend on the key only
 through its column x2 and its row y2:
@@ -13,7 +13,8 @@ codes ``e_x2`` (length W) and ``e_y2`` (length H),
     =>  q'_i · k'_j = q_i · k_j + S_W[i, j] + S_H[i, j],
 
 so relative attention is plain (unscaled) attention with depth ``d + W + H``, which any
-flash-attention backend can run without materialising ``[B, N, HW, HW]``. Extra memory is
+flash-attention kernel can run without materialising ``[B, N, HW, HW]`` (this module: cuDNN;
+:mod:`aa_flax.kernels.tpu_attention`: the Pallas TPU kernel). Extra memory is
 ``A_h``, ``A_w`` and the codes: ``O(B·N·HW·(H + W))``, against ``O(B·N·(HW)²)`` for the logits.
 Gradients flow through ``A_h``/``A_w`` to q and the tables by ordinary autodiff.
 
@@ -32,10 +33,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from aa_flax import attention
 
+BACKENDS = ("gpu", "cpu")  # cuDNN on GPU where it applies, else (and on CPU) the XLA path
 IMPLEMENTATIONS = (None, "cudnn", "xla")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -80,9 +81,8 @@ def multihead_attention_2d(
     rel_w: Optional[jax.Array] = None,
     *,
     relative_method: attention.RelativeMethod = "gather",
-    return_weights: bool = False,
     implementation: Optional[str] = None,
-):
+) -> jax.Array:
   """Drop-in for :func:`aa_flax.attention.multihead_attention_2d` via fused attention.
 
   Args:
@@ -90,21 +90,15 @@ def multihead_attention_2d(
       v: ``[B, N, H, W, d_v]``.
     rel_h, rel_w: ``[2H - 1, d_k]`` and ``[2W - 1, d_k]``, or both None.
     relative_method: how ``A_h``/``A_w`` are formed (``"gather"`` or ``"skew"``).
-    return_weights: also return the float32 ``[B, N, HW, HW]`` weights, recomputed by the
-      XLA path without gradient (XLA drops them again when unused).
     implementation: ``None`` (cuDNN where :func:`cudnn_applies`, else the XLA path of
       :mod:`aa_flax.attention`), ``"cudnn"`` (error where cuDNN cannot run it) or ``"xla"``.
 
   Returns:
-    ``out`` ``[B, N, H, W, d_v]`` in v's dtype (and the weights with ``return_weights``).
+    ``out`` ``[B, N, H, W, d_v]`` in v's dtype.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
-  if (rel_h is None) != (rel_w is None):
-    raise ValueError("pass both rel_h and rel_w, or neither")
-  if q.ndim != 5 or k.shape != q.shape or v.ndim != 5 or v.shape[:4] != q.shape[:4]:
-    raise ValueError(f"q, k, v must be [B, N, H, W, d] with matching B, N, H, W (and q, k "
-                     f"equal); got q {q.shape}, k {k.shape}, v {v.shape}")
+  attention.check_inputs(q, k, v, rel_h, rel_w, relative_method)
   batch, heads, height, width, key_depth = q.shape
   value_depth = v.shape[-1]
   relative = rel_h is not None
@@ -112,8 +106,7 @@ def multihead_attention_2d(
   if implementation is None:
     if not cudnn_applies(q.dtype, max(depth, value_depth)):
       return attention.multihead_attention_2d(q, k, v, rel_h, rel_w,
-                                              relative_method=relative_method,
-                                              return_weights=return_weights)
+                                              relative_method=relative_method)
     implementation = "cudnn"
 
   q_aug, k_aug = augment(q, k, rel_h, rel_w, relative_method) if relative else (q, k)
@@ -128,10 +121,4 @@ def multihead_attention_2d(
   out = jax.nn.dot_product_attention(to_btnd(q_aug), to_btnd(k_aug), to_btnd(v), scale=1.0,
                                      implementation=implementation)
   out = jnp.transpose(out[..., :value_depth], (0, 2, 1, 3))
-  out = out.reshape(batch, heads, height, width, value_depth).astype(v.dtype)
-  if not return_weights:
-    return out
-  stopped = [None if t is None else lax.stop_gradient(t) for t in (q, k, v, rel_h, rel_w)]
-  _, weights = attention.multihead_attention_2d(*stopped, relative_method=relative_method,
-                                                return_weights=True)
-  return out, weights
+  return out.reshape(batch, heads, height, width, value_depth).astype(v.dtype)

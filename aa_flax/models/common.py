@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aa_flax import layers
 from aa_flax.layers import AAConv
 
 Dtype = Any
@@ -17,48 +18,37 @@ Dtype = Any
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionSettings:
-  """Settings of every AAConv in a model (PAPER.md section 2).
-
-  ``key_ratio``/``value_ratio`` are κ and υ; ``min_key_depth_per_head`` is the d_k^h floor
-  (20 for the ResNets and WRN, 0 for MnasNet, whose parameter counts only match without it).
-  ``attention_impl`` picks the attention kernel ("xla" or "pallas"); ``remat`` recomputes the
-  attention branch in the backward pass to save memory.
-  """
-  key_ratio: float = 0.2
-  value_ratio: float = 0.1
-  num_heads: int = 8
-  min_key_depth_per_head: int = 20
-  position_encoding: str = "relative"
-  relative_method: str = "gather"
-  attention_impl: str = "xla"
-  remat: bool = False
-
-  def __post_init__(self):
-    # Validate once, when a model is created, with the checks AAConv itself applies
-    # (ratios, heads, encodings, methods); value_ratio <= 1 keeps d_v <= features for any F.
-    heads = self.num_heads if isinstance(self.num_heads, int) and self.num_heads > 0 else 1
-    probe = make_aaconv(self, features=64 * heads, kernel_size=3, strides=1, attention_pool=None,
-                        dtype=jnp.float32, name=None)
-    probe.validate()
+def _check_settings(settings) -> None:
+  layers.check_attention_settings(**dataclasses.asdict(settings))
 
 
-ATTENTION_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(AttentionSettings))
+# The settings are AAConv's own fields (same names, types and defaults), so they cannot drift
+# apart, and are validated by the function AAConv uses, when a model is created.
+AttentionSettings = dataclasses.make_dataclass(
+    "AttentionSettings",
+    [(field.name, field.type, dataclasses.field(default=field.default))
+     for field in dataclasses.fields(AAConv) if field.name in layers.ATTENTION_SETTING_NAMES],
+    frozen=True,
+    namespace={"__post_init__": _check_settings, "__module__": __name__})
+AttentionSettings.__doc__ = """Settings of every AAConv in a model: the AAConv fields named in
+``aa_flax.layers.ATTENTION_SETTING_NAMES``, with AAConv's defaults.
+
+``key_ratio``/``value_ratio`` are κ and υ; ``num_heads`` is N_h; ``min_key_depth_per_head`` is
+the d_k^h floor (20 for the ResNets and WRN, 0 for MnasNet, whose parameter counts only match
+without it); ``position_encoding`` and ``relative_method`` as in AAConv; ``attention_impl``
+picks how attention runs (any of ``aa_flax.kernels.ATTENTION_IMPLS``, e.g. ``"auto"`` for the
+backend's best path); ``remat`` recomputes the attention in the
+backward pass to save memory. Invalid values raise ``ValueError`` at construction.
+"""
+ATTENTION_SETTING_NAMES = layers.ATTENTION_SETTING_NAMES
 
 
 def make_aaconv(settings: AttentionSettings, features: int, kernel_size, strides: int,
                 attention_pool: Optional[int], dtype: Dtype, name: str) -> AAConv:
   """An AAConv configured from ``settings`` (the one place models build attention)."""
   return AAConv(features, kernel_size=kernel_size, strides=strides,
-                key_ratio=settings.key_ratio, value_ratio=settings.value_ratio,
-                num_heads=settings.num_heads,
-                min_key_depth_per_head=settings.min_key_depth_per_head,
-                position_encoding=settings.position_encoding,
-                relative_method=settings.relative_method,
-                attention_impl=settings.attention_impl, remat=settings.remat,
                 attention_pool=attention_pool, dtype=dtype, kernel_init=conv_kernel_init,
-                name=name)
+                name=name, **dataclasses.asdict(settings))
 
 
 def conv(features: int, kernel_size: int, strides: int = 1, dtype: Dtype = jnp.float32,
