@@ -1,13 +1,31 @@
-"""The fused Pallas relative-attention kernel (interpret mode on CPU) against the XLA path."""
+"""Every attention implementation against the XLA path, and the registry that picks one.
+
+The fused Triton kernel runs in Pallas interpret mode and the Pallas TPU path in TPU interpret
+mode on CPU; both are also lowered for their accelerator (no accelerator needed).
+"""
 
 import jax
 import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from aa_flax import attention, kernels
-from aa_flax.kernels import augmented_attention, relative_attention
+from aa_flax.kernels import augmented_attention, relative_attention, tpu_attention
+from aa_flax.layers import AAConv
+from aa_flax.models import create_model
+
+GRADIENT_NAMES = ("q", "k", "v", "rel_h", "rel_w")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Interpreted kernels compile to large host programs; XLA's optimisations only cost here."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def random_inputs(seed, batch=2, heads=2, height=3, width=5, key_depth=4, value_depth=3,
@@ -21,85 +39,76 @@ def random_inputs(seed, batch=2, heads=2, height=3, width=5, key_depth=4, value_
   return tuple(jnp.asarray(a, dtype) for a in arrays)
 
 
-def weighted_sum(fn, relative=True):
-  """Scalar loss whose cotangent differs per output element (catches transposed grads)."""
-  def loss(q, k, v, rel_h=None, rel_w=None):
-    out = fn(q, k, v, rel_h, rel_w) if relative else fn(q, k, v)
-    weights = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
-    return jnp.sum(out.astype(jnp.float32) * weights)
-  return loss
+def outputs_and_grads(fn):
+  """``args -> (out, grads of every arg)`` in one jitted program; the output cotangent differs
+  per element (catches transposed gradients)."""
+  def run(*args):
+    out, vjp = jax.vjp(fn, *args)
+    cotangent = jnp.sin(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+    return out, vjp(cotangent.astype(out.dtype))
+  return jax.jit(run)
 
 
-# (H, W): H != W; W = 17 pads the row tile to 32 (not a multiple of the tile); W = 1 is the
-# degenerate single-column map (H > W). Each case compiles three interpreted kernels, so the
-# list is kept short.
-SHAPES = [(3, 5), (2, 17), (3, 1)]
-
-
-@pytest.mark.parametrize("height,width", SHAPES)
-def test_forward_and_gradients_match_xla(height, width):
-  args = random_inputs(height * 10 + width, height=height, width=width)
-  np.testing.assert_allclose(relative_attention.multihead_attention_2d(*args),
-                             attention.multihead_attention_2d(*args), atol=2e-5, rtol=2e-5)
-  argnums = (0, 1, 2, 3, 4)
-  got = jax.grad(weighted_sum(relative_attention.multihead_attention_2d), argnums)(*args)
-  want = jax.grad(weighted_sum(attention.multihead_attention_2d), argnums)(*args)
-  for name, g, w in zip(("q", "k", "v", "rel_h", "rel_w"), got, want):
+def assert_matches_xla(fn, args, atol=2e-5, grad_atol=1e-4):
+  """Output and the gradients of q, k, v (and both tables) of ``fn`` equal the XLA path's."""
+  got_out, got = outputs_and_grads(fn)(*args)
+  want_out, want = outputs_and_grads(attention.multihead_attention_2d)(*args)
+  np.testing.assert_allclose(got_out, want_out, atol=atol, rtol=atol)
+  for name, g, w in zip(GRADIENT_NAMES, got, want):
     assert g.shape == w.shape, name
-    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)
+    np.testing.assert_allclose(g, w, atol=grad_atol, rtol=grad_atol, err_msg=name)
 
 
-def test_plain_attention_without_tables():
-  q, k, v, _, _ = random_inputs(7, height=4, width=3, key_depth=20, value_depth=18)
-  np.testing.assert_allclose(relative_attention.multihead_attention_2d(q, k, v),
-                             attention.multihead_attention_2d(q, k, v), atol=2e-5)
-  got = jax.grad(weighted_sum(relative_attention.multihead_attention_2d, False), (0, 1, 2))(
-      q, k, v)
-  want = jax.grad(weighted_sum(attention.multihead_attention_2d, False), (0, 1, 2))(q, k, v)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
-
-
-def test_bfloat16_forward_and_gradients_within_bf16_rounding():
-  args = random_inputs(3, height=3, width=4, dtype=jnp.bfloat16)
-  got = relative_attention.multihead_attention_2d(*args)
-  assert got.dtype == jnp.bfloat16
-  want = attention.multihead_attention_2d(*args)
-  np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=3e-2)
-  # Gradients against the float32 truth, relative to each gradient's largest entry.
-  truth = jax.grad(weighted_sum(attention.multihead_attention_2d), (0, 1, 2, 3, 4))(
+def assert_bf16_close_to_f32_truth(fn, args):
+  """bf16 output and gradients within 2% (of the largest entry) of the float32 XLA truth."""
+  out, grads = outputs_and_grads(fn)(*args)
+  truth_out, truths = outputs_and_grads(attention.multihead_attention_2d)(
       *(a.astype(jnp.float32) for a in args))
-  grads = jax.grad(weighted_sum(relative_attention.multihead_attention_2d), (0, 1, 2, 3, 4))(
-      *args)
-  for name, g, t in zip(("q", "k", "v", "rel_h", "rel_w"), grads, truth):
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out.astype(np.float32), truth_out, atol=3e-2)
+  for name, g, t in zip(GRADIENT_NAMES, grads, truths):
     assert g.dtype == jnp.bfloat16, name
     error = np.max(np.abs(np.asarray(g, np.float32) - t)) / np.max(np.abs(t))
     assert error < 2e-2, (name, error)
 
 
-def test_return_weights_and_jit():
-  args = random_inputs(4, height=2, width=3)
-  fused = jax.jit(lambda *a: relative_attention.multihead_attention_2d(
-      *a, relative_method="skew", return_weights=True))
-  out, weights = fused(*args)
-  want_out, want_weights = attention.multihead_attention_2d(*args, return_weights=True)
-  np.testing.assert_allclose(out, want_out, atol=2e-5)
-  np.testing.assert_allclose(weights, want_weights, atol=1e-6)
+# ------------------------------------------------------------------ fused Triton kernel
+
+# (H, W): H != W. (3, 5): one 16-query block. (5, 17): W padded to 32 columns, 85 queries in
+# two 64-query blocks (not a multiple of the block), key rows padded 5 -> 6 for the dk/dv
+# programs of 2 rows. (3, 1): the single-column map (H > W).
+SHAPES = [(3, 5), (5, 17), (3, 1)]
 
 
-def test_gradient_never_materialises_quadratic_arrays():
+@pytest.mark.parametrize("height,width", SHAPES)
+def test_fused_matches_xla(height, width):
+  assert_matches_xla(relative_attention.multihead_attention_2d,
+                     random_inputs(height * 10 + width, height=height, width=width))
+
+
+def test_fused_plain_attention_without_tables():
+  q, k, v, _, _ = random_inputs(7, height=4, width=3, key_depth=20, value_depth=18)
+  assert_matches_xla(relative_attention.multihead_attention_2d, (q, k, v))
+
+
+def test_fused_bfloat16_within_bf16_rounding():
+  assert_bf16_close_to_f32_truth(relative_attention.multihead_attention_2d,
+                                 random_inputs(3, height=3, width=4, dtype=jnp.bfloat16))
+
+
+def test_fused_gradient_never_materialises_quadratic_arrays():
   """No array in the differentiated program is as large as the [B, N, HW, HW] logits."""
   batch, heads, height, width = 1, 2, 16, 16
   args = random_inputs(5, batch=batch, heads=heads, height=height, width=width)
   quadratic = batch * heads * (height * width) ** 2
-  loss = weighted_sum(relative_attention.multihead_attention_2d)
-  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, (0, 1, 2, 3, 4)))(*args).jaxpr
+  jaxpr = jax.make_jaxpr(outputs_and_grads(relative_attention.multihead_attention_2d))(
+      *args).jaxpr
 
   def sizes(jaxpr):
     for eqn in jaxpr.eqns:
       for var in eqn.outvars:
         yield int(np.prod(var.aval.shape))
-      if eqn.primitive.name == "pallas_call":  # its body works on [Wp, Wp] tiles
+      if eqn.primitive.name == "pallas_call":  # its body works on [64, Wp] tiles
         continue
       for param in eqn.params.values():
         for sub in param if isinstance(param, (tuple, list)) else (param,):
@@ -108,70 +117,60 @@ def test_gradient_never_materialises_quadratic_arrays():
 
   assert max(sizes(jaxpr)) <= quadratic / 8
   # The XLA path does hold them, so the check can see them.
-  xla_jaxpr = jax.make_jaxpr(jax.value_and_grad(
-      weighted_sum(attention.multihead_attention_2d), (0, 1, 2, 3, 4)))(*args).jaxpr
+  xla_jaxpr = jax.make_jaxpr(outputs_and_grads(attention.multihead_attention_2d))(
+      *args).jaxpr
   assert max(sizes(xla_jaxpr)) >= quadratic
 
 
-def test_attention_fn_dispatch():
-  assert kernels.attention_fn("xla") is attention.multihead_attention_2d
-  assert kernels.attention_fn("pallas") is relative_attention.multihead_attention_2d
-  assert kernels.attention_fn("cudnn") is augmented_attention.multihead_attention_2d
-  args = random_inputs(6, height=2, width=3)
-  xla, fused = kernels.attention_fn("xla", True), kernels.attention_fn("pallas", True)
-  np.testing.assert_allclose(fused(*args), xla(*args), atol=2e-5)
-  got = jax.grad(weighted_sum(fused), (0, 4))(*args)
-  want = jax.grad(weighted_sum(xla), (0, 4))(*args)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
-  with pytest.raises(ValueError, match="'triton' is not one of"):
-    kernels.attention_fn("triton")
-
-
-def test_clear_errors(monkeypatch):
-  q, k, v, rel_h, rel_w = random_inputs(8, height=3, width=5)
-  fused = relative_attention.multihead_attention_2d
-  with pytest.raises(ValueError, match="'diagonal' is not one of"):
-    fused(q, k, v, rel_h, rel_w, relative_method="diagonal")
-  with pytest.raises(ValueError, match="both rel_h and rel_w"):
-    fused(q, k, v, rel_h, None)
-  with pytest.raises(ValueError, match=r"rel_h \(5, 4\) and rel_w \(9, 4\)"):
-    fused(q, k, v, rel_w, rel_h)
-  with pytest.raises(ValueError, match="q, k, v must be"):
-    fused(q, k[:, :, :2], v, rel_h, rel_w)
-  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  with pytest.raises(NotImplementedError, match="attention_impl='xla'"):
-    relative_attention.resolve_interpret(None)
-  assert relative_attention.resolve_interpret(True) is True
-
-
 @pytest.mark.parametrize("dtype,height,width", [(jnp.bfloat16, 7, 7), (jnp.float32, 5, 17)])
-def test_lowers_to_triton_for_gpu(dtype, height, width):
+def test_fused_lowers_to_triton_for_gpu(dtype, height, width):
   """Cross-lowering for CUDA (no GPU needed) runs the Pallas Triton lowering of all kernels."""
   args = random_inputs(9, batch=1, height=height, width=width, key_depth=20, value_depth=3,
                        dtype=dtype)
   fused = lambda *a: relative_attention.multihead_attention_2d(*a, interpret=False)  # noqa: E731
-  train = jax.jit(jax.grad(weighted_sum(fused), (0, 1, 2, 3, 4)))
-  hlo = train.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  hlo = outputs_and_grads(fused).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   for name in ("forward", "dq", "dkdv"):
     assert f'name = "relative_attention_2d_{name}"' in hlo
 
 
-def test_augmented_depth_attention_matches_xla(height=3, width=5):
+# ------------------------------------------------------------------ Pallas TPU path
+
+
+@pytest.mark.parametrize("heads,dtype,height,width", [
+    (1, jnp.float32, 3, 5),  # 15 positions in one 128 block
+    (8, jnp.bfloat16, 9, 15),  # 135 positions: two blocks, the second mostly padding
+])
+def test_tpu_path_in_interpret_mode_matches_xla(heads, dtype, height, width):
+  args = random_inputs(heads + height, heads=heads, height=height, width=width, dtype=dtype)
+  if dtype == jnp.float32:
+    assert_matches_xla(tpu_attention.multihead_attention_2d, args)
+  else:
+    assert_bf16_close_to_f32_truth(tpu_attention.multihead_attention_2d, args)
+
+
+def test_tpu_path_lowers_for_tpu():
+  """The jax side of the TPU compilation (Pallas -> Mosaic, block-shape rules) without a TPU."""
+  args = random_inputs(12, batch=1, heads=8, height=14, width=14, key_depth=20, value_depth=3,
+                       dtype=jnp.bfloat16)
+  tpu = lambda *a: tpu_attention.multihead_attention_2d(*a, interpret=False)  # noqa: E731
+  hlo = outputs_and_grads(tpu).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  assert hlo.count("tpu_custom_call") >= 3  # forward, dq and dk/dv kernels
+
+
+# ------------------------------------------------------------------ cuDNN path
+
+
+def test_augmented_depth_attention_matches_xla():
   """q'·k' over [q, A_w, A_h] / [k, e_x2, e_y2] reproduces content + relative logits."""
-  args = random_inputs(10 + height, height=height, width=width)
-  def aug(*a):
-    return augmented_attention.multihead_attention_2d(*a, implementation="xla")
-  np.testing.assert_allclose(aug(*args), attention.multihead_attention_2d(*args), atol=2e-5)
-  got = jax.grad(weighted_sum(aug), (0, 1, 2, 3, 4))(*args)
-  want = jax.grad(weighted_sum(attention.multihead_attention_2d), (0, 1, 2, 3, 4))(*args)
-  for name, g, w in zip(("q", "k", "v", "rel_h", "rel_w"), got, want):
-    np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)
+  height, width = 3, 5
+  args = random_inputs(13, height=height, width=width)
+  assert_matches_xla(lambda *a: augmented_attention.multihead_attention_2d(
+      *a, implementation="xla"), args)
   q_aug, k_aug = augmented_attention.augment(*args[:2], *args[3:])
   assert q_aug.shape == k_aug.shape == args[0].shape[:4] + (4 + width + height,)
 
 
-def test_augmented_falls_back_to_xla_where_cudnn_cannot_run():
+def test_cudnn_path_falls_back_to_xla_where_cudnn_cannot_run():
   args = random_inputs(11, height=2, width=3)
   assert not augmented_attention.cudnn_applies(jnp.float32, 30)  # CPU here
   np.testing.assert_array_equal(kernels.attention_fn("cudnn")(*args),
@@ -180,21 +179,109 @@ def test_augmented_falls_back_to_xla_where_cudnn_cannot_run():
     augmented_attention.multihead_attention_2d(*args, implementation="flash")
 
 
-def test_aaconv_with_pallas_matches_xla():
-  """The ``attention_impl`` hook of AAConv: same outputs and parameter gradients."""
-  from aa_flax.layers import AAConv  # pylint: disable=import-outside-toplevel
+# ------------------------------------------------------------------ registry and checks
+
+
+def test_registry_resolves_auto_per_backend_and_rejects_unavailable_paths(monkeypatch):
+  assert kernels.ATTENTION_IMPLS == ("auto", "xla", "pallas", "cudnn", "pallas_tpu")
+  assert [kernels.resolve_impl("auto", b) for b in ("tpu", "gpu", "cpu")] == [
+      "pallas_tpu", "cudnn", "xla"]
+  assert kernels.available_impls("tpu") == ("auto", "xla", "pallas_tpu")
+  assert kernels.available_impls("gpu") == ("auto", "xla", "pallas", "cudnn")
+  assert kernels.attention_fn("auto") is attention.multihead_attention_2d  # CPU here
+  with pytest.raises(ValueError, match=r"'pallas' does not run on backend 'tpu'.*"
+                                       r"\('auto', 'xla', 'pallas_tpu'\)"):
+    kernels.resolve_impl("pallas", "tpu")
+  with pytest.raises(ValueError, match="'triton' is not one of"):
+    kernels.attention_fn("triton")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="'pallas_tpu' does not run on backend 'gpu'"):
+    kernels.attention_fn("pallas_tpu")
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(ValueError, match="'cudnn' does not run on backend 'tpu'"):
+    AAConv(features=8, num_heads=2, min_key_depth_per_head=2, attention_impl="cudnn").init(
+        jax.random.key(0), jnp.zeros((1, 3, 3, 4)))
+  with pytest.raises(NotImplementedError, match="interpret=True"):
+    relative_attention.resolve_interpret(None)
+  assert relative_attention.resolve_interpret(True) is True
+  assert tpu_attention.resolve_interpret(None) is False  # compiled on TPU
+
+
+def test_registry_functions_return_weights_and_remat():
+  args = random_inputs(4, height=2, width=3)
+  want_out, want_weights = attention.multihead_attention_2d(*args, return_weights=True)
+  # Every non-XLA implementation gets its weights from the same wrapper; cuDNN's CPU fallback
+  # is the cheapest to run it through.
+  out, weights = jax.jit(lambda *a: kernels.attention_fn("cudnn", remat=True)(
+      *a, relative_method="skew", return_weights=True))(*args)
+  np.testing.assert_allclose(out, want_out, atol=2e-5)
+  np.testing.assert_allclose(weights, want_weights, atol=1e-6)
+  assert_matches_xla(kernels.attention_fn("pallas", remat=True), args)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "cudnn", "pallas_tpu"])
+def test_every_implementation_applies_the_shared_input_check(impl):
+  q, k, v, rel_h, rel_w = random_inputs(8, height=3, width=5)
+  fn = kernels.IMPLEMENTATIONS[impl].fn
+  with pytest.raises(ValueError, match="'diagonal' is not one of"):
+    fn(q, k, v, rel_h, rel_w, relative_method="diagonal")
+  with pytest.raises(ValueError, match="both rel_h and rel_w"):
+    fn(q, k, v, rel_h, None)
+  with pytest.raises(ValueError, match=r"rel_h \[2H-1, d\] = \(5, 4\) and rel_w"):
+    fn(q, k, v, rel_w, rel_h)
+  with pytest.raises(ValueError, match="q, k, v must be"):
+    fn(q, k[:, :, :2], v, rel_h, rel_w)
+
+
+# ------------------------------------------------------------------ layers and models
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_tpu"])
+def test_aaconv_with_kernel_matches_xla(impl):
+  """AAConv's ``attention_impl``: same outputs and parameter gradients as ``"xla"``."""
   x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
   settings = dict(features=16, key_ratio=0.5, value_ratio=0.5, num_heads=2,
                   min_key_depth_per_head=4)
   xla = AAConv(**settings, attention_impl="xla")
-  fused = AAConv(**settings, attention_impl="pallas")
+  fused = AAConv(**settings, attention_impl=impl)
   params = xla.init(jax.random.key(1), x)["params"]
 
   def loss(layer):
-    return lambda p: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))
+    return jax.jit(jax.value_and_grad(
+        lambda p: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))))
 
-  want_loss, want = jax.value_and_grad(loss(xla))(params)
-  got_loss, got = jax.value_and_grad(loss(fused))(params)
+  want_loss, want = loss(xla)(params)
+  got_loss, got = loss(fused)(params)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_aa_resnet_tiny_train_step_on_tpu_path_equals_xla():
+  """One SGD step of aa_resnet_tiny (attention at 4x6 and 2x3) in TPU interpret mode."""
+  images = jax.random.normal(jax.random.key(0), (2, 8, 12, 3))
+  labels = jnp.array([0, 2])
+  tx = optax.sgd(0.1, momentum=0.9)
+
+  def train_step(impl):
+    model = create_model("aa_resnet_tiny", 3, attention_impl=impl)
+    variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(images)
+
+    @jax.jit
+    def step(variables):
+      def loss_fn(params):
+        logits, state = model.apply({**variables, "params": params}, images, train=True,
+                                    mutable=["batch_stats"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, state["batch_stats"]
+      (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+      updates, _ = tx.update(grads, tx.init(variables["params"]), variables["params"])
+      return loss, optax.apply_updates(variables["params"], updates), stats
+
+    return step(variables)
+
+  want, got = train_step("xla"), train_step("pallas_tpu")
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1:]),
+                          jax.tree.leaves(want[1:])):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
