@@ -1,13 +1,18 @@
 """Model zoo: parameter counts against the paper, AA placement, registry, forward passes."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aa_flax import kernels
+from aa_flax.layers import AAConv
 from aa_flax.metrics import count_flops, count_params
-from aa_flax.models import create_model, list_models
+from aa_flax.models import AttentionSettings, create_model, list_models
+from aa_flax.models.common import ATTENTION_SETTING_NAMES, make_aaconv
 from aa_flax.tables import PAPER_ROWS, TABLE_INPUTS, model_params
 
 # Rows whose paper count we do not match within 0.5%, with the reason (see README).
@@ -213,3 +218,19 @@ def test_models_without_attention_ignore_attention_stages(name):
 def test_invalid_attention_overrides_fail_at_create_model(override, match):
   with pytest.raises(ValueError, match=match):
     create_model("aa_resnet50", 10, attention_stages=(), **override)
+
+
+def test_attention_settings_are_aaconv_fields_and_reach_every_layer():
+  aaconv_defaults = {f.name: f.default for f in dataclasses.fields(AAConv)}
+  settings_defaults = {f.name: f.default for f in dataclasses.fields(AttentionSettings)}
+  assert settings_defaults == {name: aaconv_defaults[name] for name in ATTENTION_SETTING_NAMES}
+  for impl in kernels.ATTENTION_IMPLS:  # every implementation is a valid setting
+    AttentionSettings(attention_impl=impl)
+  settings = AttentionSettings(key_ratio=0.5, value_ratio=0.25, num_heads=2,
+                               min_key_depth_per_head=3, position_encoding="sine",
+                               relative_method="skew", attention_impl="auto", remat=True)
+  layer = make_aaconv(settings, 16, 3, 1, None, jnp.float32, "aa")
+  assert {name: getattr(layer, name) for name in ATTENTION_SETTING_NAMES} == (
+      dataclasses.asdict(settings))
+  with pytest.raises(ValueError, match="remat must be True or False"):
+    AttentionSettings(remat="yes")
