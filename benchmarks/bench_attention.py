@@ -7,12 +7,15 @@ Methods (all compute ``softmax(QKᵀ [+ S_H + S_W]) V`` with a float32 softmax):
 * ``skew``   — XLA, relative logits in the paper's rel_to_abs (skew) form;
 * ``naive``  — XLA, an explicit ``[HW, HW, d]`` table of summed embeddings contracted with q
   (what the paper's memory-efficient form avoids); only up to ``--naive-max-hw`` positions;
-* ``fused``  — the Pallas kernel (``aa_flax.kernels.relative_attention``); compiled on GPU,
-  Pallas *interpret mode* on CPU, where its times say nothing about the GPU kernel;
-* ``fused_plain`` — the Pallas kernel without relative tables;
+* ``fused``  — ``attention_impl="pallas"``, the fused Triton kernel
+  (``aa_flax.kernels.relative_attention``); compiled on GPU, Pallas *interpret mode* on CPU,
+  where its times say nothing about the GPU kernel;
+* ``fused_plain`` — the fused kernel without relative tables;
 * ``cudnn``  — relative attention as plain attention over the augmented depth ``d + H + W``,
   run by cuDNN flash attention (``aa_flax.kernels.augmented_attention``); where cuDNN does
-  not apply (CPU, float32) it is the ``gather`` path and is labelled ``cudnn-fallback``.
+  not apply (CPU, float32) it is the ``gather`` path and is labelled ``cudnn-fallback``;
+* ``pallas_tpu`` — the augmented depth on jax's Pallas TPU flash attention
+  (``aa_flax.kernels.tpu_attention``); compiled on TPU, TPU interpret mode on CPU.
 
 Suites:
 
@@ -24,16 +27,20 @@ Suites:
   memory-against-HW curves (``--sizes 8,16,32,64 --memory-only``).
 
 For each case: forward time, forward+backward time (gradients of q, k, v and the tables), and
-the compiled temporary / peak memory of both (``compiled.memory_analysis()``).
+the compiled temporary / peak memory of both (``compiled.memory_analysis()``); ``--batch``
+takes a list. With several sizes it also reports how each method's forward+backward temporary
+memory grows with HW (the exponent e in memory ∝ HW^e between consecutive sizes).
 
-Example (CPU, the numbers in docs/PERFORMANCE.md):
-  python -m benchmarks.bench_attention --batch 1 --dtypes float32 --name attention_cpu
+Example (CPU, compiled memory only, the tables in docs/PERFORMANCE.md):
+  python -m benchmarks.bench_attention --sizes 14,28,56 --batch 2,8 --dtypes float32 \
+      --methods plain,gather,fused,cudnn,pallas_tpu --memory-only --name memory_paths_cpu
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from typing import Callable, Optional
 
@@ -42,10 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from aa_flax import attention, layers
-from aa_flax.kernels import augmented_attention, relative_attention
+from aa_flax.kernels import augmented_attention, relative_attention, tpu_attention
 from benchmarks import common
 
-METHODS = ("plain", "gather", "skew", "naive", "fused", "fused_plain", "cudnn")
+METHODS = ("plain", "gather", "skew", "naive", "fused", "fused_plain", "cudnn", "pallas_tpu")
 SUITES = ("sizes", "aa_resnet50", "curve")
 # Width of the augmented 3x3 conv of AA-ResNet-50 at each feature size (224 px input).
 RESNET50_FILTERS = {56: 64, 28: 128, 14: 256, 7: 512}
@@ -122,6 +129,8 @@ def attention_function(method: str) -> tuple[Callable, bool]:
     return lambda q, k, v, rh, rw: relative_attention.multihead_attention_2d(q, k, v), False
   if method == "cudnn":
     return augmented_attention.multihead_attention_2d, True
+  if method == "pallas_tpu":
+    return tpu_attention.multihead_attention_2d, True
   raise ValueError(f"method {method!r} is not one of {METHODS}")
 
 
@@ -153,7 +162,8 @@ def measure(case: Case, method: str, batch: int, dtype, reps: int,
   compile_s = time.perf_counter() - start
   fwd_mem, train_mem = common.compiled_memory(forward), common.compiled_memory(train)
   label = method
-  if method.startswith("fused") and relative_attention.resolve_interpret(None):
+  if ((method.startswith("fused") and relative_attention.resolve_interpret(None))
+      or (method == "pallas_tpu" and tpu_attention.resolve_interpret(None))):
     label += "-interpret"
   depth = case.key_depth + case.height + case.width
   if method == "cudnn" and not augmented_attention.cudnn_applies(dtype, depth):
@@ -161,6 +171,7 @@ def measure(case: Case, method: str, batch: int, dtype, reps: int,
   row = {
       "case": case.name, "method": label,
       "dtype": jnp.dtype(dtype).name, "batch": batch, "HxW": f"{case.height}x{case.width}",
+      "HW": case.height * case.width,
       "d_k^h": case.key_depth, "d_v^h": case.value_depth, "count": case.count,
       "fwd_temp_mib": fwd_mem["temp_mib"], "fwd_bwd_temp_mib": train_mem["temp_mib"],
       "fwd_bwd_peak_mib": train_mem["peak_mib"], "compile_s": compile_s,
@@ -175,18 +186,36 @@ def measure(case: Case, method: str, batch: int, dtype, reps: int,
 
 
 def relative_overheads(rows: list[dict]) -> list[dict]:
-  """Per (case, dtype): each relative method's fwd+bwd temp memory and time / plain's."""
-  plain = {(r["case"], r["dtype"]): r for r in rows if r["method"] == "plain"}
+  """Per (case, dtype, batch): each method's fwd+bwd temp memory and time / plain's."""
+  plain = {(r["case"], r["dtype"], r["batch"]): r for r in rows if r["method"] == "plain"}
   out = []
   for r in rows:
-    base = plain.get((r["case"], r["dtype"]))
+    base = plain.get((r["case"], r["dtype"], r["batch"]))
     if base is None or r["method"] == "plain":
       continue
-    ratio = {"case": r["case"], "dtype": r["dtype"], "method": r["method"],
+    ratio = {"case": r["case"], "dtype": r["dtype"], "batch": r["batch"], "method": r["method"],
              "temp_vs_plain": r["fwd_bwd_temp_mib"] / max(base["fwd_bwd_temp_mib"], 1e-9)}
     if r["fwd_bwd_ms"] is not None and base["fwd_bwd_ms"]:
       ratio["time_vs_plain"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
     out.append(ratio)
+  return out
+
+
+def memory_growth(rows: list[dict]) -> list[dict]:
+  """Per (method, dtype, batch): the exponent e of fwd+bwd temp memory ∝ HW^e between
+  consecutive sizes."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["method"], r["dtype"], r["batch"]), []).append(r)
+  out = []
+  for (method, dtype, batch), group in groups.items():
+    group = sorted(group, key=lambda r: r["HW"])
+    for small, large in zip(group, group[1:]):
+      if small["fwd_bwd_temp_mib"] > 0 and large["HW"] > small["HW"]:
+        out.append({"method": method, "dtype": dtype, "batch": batch,
+                    "from": small["HxW"], "to": large["HxW"],
+                    "exponent": math.log(large["fwd_bwd_temp_mib"] / small["fwd_bwd_temp_mib"])
+                                / math.log(large["HW"] / small["HW"])})
   return out
 
 
@@ -203,39 +232,46 @@ def suite_totals(rows: list[dict]) -> list[dict]:
   return list(totals.values())
 
 
-def run(suite: str = "sizes", sizes=(7, 14, 28, 56), batch: int = 8,
+def run(suite: str = "sizes", sizes=(7, 14, 28, 56), batches=(8,),
         dtypes=("float32", "bfloat16"), methods=METHODS, naive_max_hw: int = 196,
         fused_max_hw: Optional[int] = None, reps: int = 5, time_it: bool = True,
         name: str = "bench_attention", out_dir: str = common.RESULTS_DIR) -> list[dict]:
-  """Measures every (case, dtype, method); saves and prints; returns the rows."""
+  """Measures every (batch, case, dtype, method); saves and prints; returns the rows."""
   env = common.environment()
   rows, failures = [], []
-  for case in suite_cases(suite, sizes):
-    length = case.height * case.width
-    for dtype in dtypes:
-      for method in methods:
-        if method == "naive" and length > naive_max_hw:
-          continue
-        if method.startswith("fused") and fused_max_hw is not None and length > fused_max_hw:
-          continue
-        try:
-          rows.append(measure(case, method, batch, jnp.dtype(dtype), reps, time_it))
-        except Exception as e:  # pylint: disable=broad-except
-          # One failing method (out of memory, a backend that rejects a shape) must not lose
-          # the others' numbers: record it and go on.
-          failures.append({"case": case.name, "method": method, "dtype": dtype,
-                           "error": f"{type(e).__name__}: {str(e)[:300]}"})
-          print("FAILED", failures[-1], flush=True)
-          continue
-        print({k: rows[-1][k] for k in ("case", "method", "dtype", "fwd_ms", "fwd_bwd_ms",
-                                        "fwd_bwd_temp_mib")}, flush=True)
-  extra = {"relative_vs_plain": relative_overheads(rows), "failures": failures}
+  for batch in batches:
+    for case in suite_cases(suite, sizes):
+      length = case.height * case.width
+      for dtype in dtypes:
+        for method in methods:
+          if method == "naive" and length > naive_max_hw:
+            continue
+          if (method.startswith("fused") and fused_max_hw is not None
+              and length > fused_max_hw):
+            continue
+          try:
+            rows.append(measure(case, method, batch, jnp.dtype(dtype), reps, time_it))
+          except Exception as e:  # pylint: disable=broad-except
+            # One failing method (out of memory, a backend that rejects a shape) must not
+            # lose the others' numbers: record it and go on.
+            failures.append({"case": case.name, "method": method, "dtype": dtype,
+                             "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print("FAILED", failures[-1], flush=True)
+            continue
+          print({k: rows[-1][k] for k in ("case", "method", "dtype", "batch", "fwd_ms",
+                                          "fwd_bwd_ms", "fwd_bwd_temp_mib")}, flush=True)
+  extra = {"relative_vs_plain": relative_overheads(rows), "memory_growth": memory_growth(rows),
+           "failures": failures}
   if suite == "aa_resnet50":
     extra["totals"] = suite_totals(rows)
   common.save_results(name, rows, COLUMNS, env, out_dir, extra)
   print("\nrelative vs plain (fwd+bwd):")
-  print(common.markdown_table(extra["relative_vs_plain"],
-                              ("case", "dtype", "method", "temp_vs_plain", "time_vs_plain")))
+  print(common.markdown_table(extra["relative_vs_plain"], ("case", "dtype", "batch", "method",
+                                                           "temp_vs_plain", "time_vs_plain")))
+  if extra["memory_growth"]:
+    print("\nfwd+bwd temp memory ∝ HW^exponent:")
+    print(common.markdown_table(extra["memory_growth"],
+                                ("method", "dtype", "batch", "from", "to", "exponent")))
   if failures:
     print("\nfailed:")
     print(common.markdown_table(failures, ("case", "method", "dtype", "error")))
@@ -252,7 +288,7 @@ def main(argv=None):
   parser.add_argument("--sizes", default="7,14,28,56",
                       help="square feature sizes; the 'sizes' suite takes "
                            f"{sorted(RESNET50_FILTERS)}")
-  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--batch", default="8", help="comma-separated batch sizes")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--naive-max-hw", type=int, default=196)
@@ -270,7 +306,8 @@ def main(argv=None):
   bad = [m for m in methods if m not in METHODS]
   if bad:
     parser.error(f"--methods {bad} not in {METHODS}")
-  run(args.suite, sizes, args.batch, tuple(args.dtypes.split(",")), methods,
+  batches = tuple(int(b) for b in args.batch.split(","))
+  run(args.suite, sizes, batches, tuple(args.dtypes.split(",")), methods,
       args.naive_max_hw, args.fused_max_hw, args.reps, not args.memory_only, args.name,
       args.out_dir)
 

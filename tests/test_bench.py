@@ -25,7 +25,7 @@ def test_naive_explicit_table_matches_attention():
 
 
 def test_bench_attention_writes_results(tmp_path):
-  rows = bench_attention.run("sizes", sizes=(7,), batch=1, dtypes=("float32",),
+  rows = bench_attention.run("sizes", sizes=(7,), batches=(1,), dtypes=("float32",),
                              methods=("plain", "skew", "fused"), reps=1, time_it=False,
                              name="attn", out_dir=str(tmp_path))
   assert [r["method"].split("-")[0] for r in rows] == ["plain", "skew", "fused"]
@@ -103,7 +103,7 @@ def test_bench_attention_records_a_failing_method_and_goes_on(tmp_path, monkeypa
     return measure(case, method, *args)
 
   monkeypatch.setattr(bench_attention, "measure", flaky)
-  rows = bench_attention.run("sizes", sizes=(7,), batch=1, dtypes=("float32",),
+  rows = bench_attention.run("sizes", sizes=(7,), batches=(1,), dtypes=("float32",),
                              methods=("skew", "plain"), reps=1, time_it=False,
                              name="flaky", out_dir=str(tmp_path))
   assert [r["method"] for r in rows] == ["plain"]
