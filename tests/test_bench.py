@@ -65,33 +65,67 @@ def test_parse_override():
     bench_train.parse_override("pallas")
 
 
-def test_gpu_check_plan_and_summary(tmp_path):
-  steps = gpu_check.plan(gpu_check.FULL, str(tmp_path))
-  assert [name for name, _ in steps] == ["plain", "aa_xla", "aa_pallas", "aa56_pallas",
-                                         "aa_cudnn", "attention_layers", "aa56_cudnn",
-                                         "attention_sizes"]
-  only = gpu_check.main(["--dry-run", "--only", "attention_layers,plain"])
-  assert [name for name, _ in only] == ["plain", "attention_layers"]
-  with pytest.raises(SystemExit):
-    gpu_check.main(["--dry-run", "--only", "plian"])
-  aa56 = dict(steps)["aa56_pallas"]
+def test_gpu_check_plan_fits_eight_minutes_in_the_required_order():
+  config = gpu_check.FULL
+  steps = gpu_check.fixed_steps(config, "out")
+  assert [name for name, _ in steps] + ["aa56"] == list(gpu_check.STEPS) == [
+      "plain", "aa_xla", "aa_cudnn", "aa_pallas", "attention_memory", "aa56"]
+  assert sum(config.limits.values()) <= config.budget_s <= 8 * 60 - 10
+  assert "attention_impl=cudnn" in dict(steps)["aa_cudnn"]
+  aa56 = gpu_check.aa56_argv(config, "out", "pallas", 128)
   assert aa56[len(aa56) - 1 - aa56[::-1].index("--batch") + 1] == "128"  # last --batch wins
   assert "attention_pool_stages=()" in aa56 and "attention_impl=pallas" in aa56
-  assert "attention_impl=cudnn" in dict(steps)["aa_cudnn"]
+  only = gpu_check.main(["--dry-run", "--only", "attention_memory,plain"])
+  assert [name for name, _ in only] == ["plain", "attention_memory"]
+  with pytest.raises(SystemExit):
+    gpu_check.main(["--dry-run", "--only", "plian"])
 
-  def write(name, img_per_s):
-    row = {"model": name, "img_per_s": img_per_s, "device_peak_mib": 1.0}
+
+@pytest.mark.parametrize("outcomes,largest", [
+    ({128: "ok", 256: "failed (exit 1)"}, 128), ({128: "ok", 256: "ok"}, 256),
+    ({128: "timed out", 64: "failed (exit 1)", 32: "ok"}, 32),
+    ({128: "failed", 64: "failed", 32: "failed"}, None)])
+def test_gpu_check_finds_the_largest_batch_that_trains(outcomes, largest):
+  tried = []
+
+  def run(name, argv):
+    batch = int(argv[len(argv) - 1 - argv[::-1].index("--batch") + 1])
+    tried.append(batch)
+    assert name == f"aa56_b{batch}"
+    return outcomes[batch]
+
+  result = gpu_check.largest_training_batch(gpu_check.FULL, run, "cudnn", "out")
+  assert result["largest_batch"] == largest and tried == list(outcomes)
+
+
+def test_gpu_check_summary_table(tmp_path):
+  def write(name, rows, extra=None):
     with open(os.path.join(tmp_path, f"{name}.json"), "w") as f:
-      json.dump({"rows": [row]}, f)
+      json.dump({"rows": rows, "extra": extra}, f)
 
-  write("plain", 100.0)
-  write("aa_xla", 80.0)
-  write("aa_pallas", 90.0)
-  rows = {r["measure"]: r["value"] for r in gpu_check.summarise(str(tmp_path), {})}
-  assert rows["aa_xla (xla) / plain"] == pytest.approx(0.8)
-  assert rows["aa_pallas (pallas) / plain"] == pytest.approx(0.9)
-  assert rows["augmented from the 56x56 stage, no pooling, pallas: img/s"] is None
-  assert rows["aa (cudnn) / plain"] is None
+  def train_row(model, img_per_s):
+    return [{"model": model, "img_per_s": img_per_s, "device_peak_mib": 1000.0}]
+
+  write("plain", train_row("resnet50", 100.0))
+  write("aa_xla", train_row("aa_resnet50", 80.0))
+  write("aa_cudnn", train_row("aa_resnet50", 90.0))
+  write("aa56_b128", train_row("aa_resnet50", 40.0))
+  write("attention_memory", [], {"relative_vs_plain": [
+      {"case": "28x28", "method": "gather", "temp_vs_plain": 1.02},
+      {"case": "56x56", "method": "fused-interpret", "temp_vs_plain": 0.05}]})
+  assert gpu_check.fastest_impl(str(tmp_path)) == "cudnn"
+  aa56 = {"impl": "cudnn", "attempts": {128: "ok", 256: "failed (exit 1)"},
+          "largest_batch": 128}
+  rows = gpu_check.summarise(str(tmp_path), gpu_check.FULL, {"plain": "ok"}, aa56)
+  values = {r["measure"]: r["value"] for r in rows}
+  assert values["  xla / plain img/s"] == pytest.approx(0.8)
+  assert values["  cudnn / plain img/s"] == pytest.approx(0.9)
+  assert values["  pallas / plain img/s"] is None
+  assert values["attention fwd+bwd temp memory 28x28, xla / plain"] == 1.02
+  assert values["attention fwd+bwd temp memory 56x56, pallas / plain"] == 0.05
+  assert values["AA from the 56x56 stage, no pooling, cudnn: largest batch that trains"] == 128
+  assert values["  img/s at batch 128"] == 40.0
+  assert "(this one)" in next(r["target"] for r in rows if r["measure"].startswith("  cudnn"))
 
 
 def test_bench_attention_records_a_failing_method_and_goes_on(tmp_path, monkeypatch):
