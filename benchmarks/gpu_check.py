@@ -21,7 +21,11 @@ memory of plain attention; the 56x56 unpooled model trains at batch 128.
 
   python -m benchmarks.gpu_check                  # on the GPU machine
   python -m benchmarks.gpu_check --only plain,aa56  # a subset (e.g. what a time limit cut)
+  python -m benchmarks.gpu_check --limit aa56=300 --only aa56  # another limit for a step
   python -m benchmarks.gpu_check --smoke          # on CPU: tiny sizes, plumbing only
+
+Compiled programs are cached in ``<out-dir>/jax_cache``, so rerunning a step skips most of its
+compilation.
 """
 
 from __future__ import annotations
@@ -206,6 +210,7 @@ class StepRunner:
     self.out_dir = out_dir
     self.deadline = time.perf_counter() + budget_s
     self.repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    self.env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(out_dir, "jax_cache"))
 
   def left(self) -> float:
     return self.deadline - time.perf_counter()
@@ -217,8 +222,8 @@ class StepRunner:
     print(f"== {name} (limit {timeout:.0f} s): {' '.join(argv)}", flush=True)
     start = time.perf_counter()
     try:
-      proc = subprocess.run(argv, cwd=self.repo_root, timeout=timeout, text=True,
-                            capture_output=True, check=False)
+      proc = subprocess.run(argv, cwd=self.repo_root, env=self.env, timeout=timeout,
+                            text=True, capture_output=True, check=False)
       output = proc.stdout + proc.stderr
       status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
     except subprocess.TimeoutExpired as e:
@@ -237,8 +242,17 @@ def main(argv=None):
   parser.add_argument("--out-dir", default=None)
   parser.add_argument("--dry-run", action="store_true", help="print the plan only")
   parser.add_argument("--only", default=None, help=f"comma-separated steps of {STEPS}")
+  parser.add_argument("--limit", action="append", default=[],
+                      help="step=seconds: another time limit for a step (repeatable)")
   args = parser.parse_args(argv)
   config = SMOKE if args.smoke else FULL
+  for item in args.limit:
+    name, _, seconds = item.partition("=")
+    if name not in STEPS or not seconds.replace(".", "", 1).isdigit():
+      parser.error(f"--limit {item!r}: expected step=seconds with step one of {list(STEPS)}")
+    config = dataclasses.replace(config, limits={**config.limits, name: float(seconds)},
+                                 budget_s=config.budget_s + float(seconds)
+                                 - config.limits[name])
   out_dir = args.out_dir or os.path.join(
       common.RESULTS_DIR, "gpu_check_smoke" if args.smoke else "gpu_check")
   names = args.only.split(",") if args.only else list(STEPS)

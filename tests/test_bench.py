@@ -79,6 +79,8 @@ def test_gpu_check_plan_fits_eight_minutes_in_the_required_order():
   assert [name for name, _ in only] == ["plain", "attention_memory"]
   with pytest.raises(SystemExit):
     gpu_check.main(["--dry-run", "--only", "plian"])
+  with pytest.raises(SystemExit):
+    gpu_check.main(["--dry-run", "--limit", "aa56=soon"])
 
 
 @pytest.mark.parametrize("outcomes,largest", [
