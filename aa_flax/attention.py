@@ -1,6 +1,7 @@
 """Pure functions for 2D multi-head self-attention with relative position logits.
 
-Notation: B batch, N heads (N_h), H x W spatial size, d per-head depth. Feature maps are flattened row-major, so position (y, x) is index ``y * W + x``.
+Notation: B batch, N heads (N_h), H x W spatial size, d per-head depth. Feature maps are
+flattened row-major, so position (y, x) is index ``y * W + x``.
 
 Relative logits: for query (y, x) and key (y2, x2) the logit gains
 ``q . r^W[x2 - x + W - 1] + q . r^H[y2 - y + H - 1]`` (key minus query). Row ``m`` of a

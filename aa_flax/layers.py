@@ -154,8 +154,9 @@ class AAConv(nn.Module):
   ``key_ratio = value_ratio = 1`` gives the fully attentional layer (no conv branch).
   ``attention_impl`` picks how attention runs (one of ``aa_flax.kernels.ATTENTION_IMPLS``;
   ``"auto"`` is the best path of the backend, see ``aa_flax.kernels``); all give the same
-  outputs and gradients. The attention weights ``[B, N_h, H'W', H'W']`` are sown into the ``intermediates``
-  collection as ``attention_weights`` (stored only when that collection is mutable).
+  outputs and gradients. The attention weights ``[B, N_h, H'W', H'W']`` are sown into the
+  ``intermediates`` collection as ``attention_weights`` (stored only when that collection is
+  mutable).
   """
   features: int
   kernel_size: KernelSize = 3

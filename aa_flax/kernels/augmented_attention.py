@@ -13,8 +13,8 @@ codes ``e_x2`` (length W) and ``e_y2`` (length H),
     =>  q'_i · k'_j = q_i · k_j + S_W[i, j] + S_H[i, j],
 
 so relative attention is plain (unscaled) attention with depth ``d + W + H``, which any
-flash-attention kernel can run without materialising ``[B, N, HW, HW]`` (this module: cuDNN;
-:mod:`aa_flax.kernels.tpu_attention`: the Pallas TPU kernel). Extra memory is
+flash-attention kernel can run without materialising ``[B, N, HW, HW]`` (this module:
+cuDNN; :mod:`aa_flax.kernels.tpu_attention`: the Pallas TPU kernel). Extra memory is
 ``A_h``, ``A_w`` and the codes: ``O(B·N·HW·(H + W))``, against ``O(B·N·(HW)²)`` for the logits.
 Gradients flow through ``A_h``/``A_w`` to q and the tables by ordinary autodiff.
 

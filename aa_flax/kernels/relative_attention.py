@@ -39,9 +39,9 @@ multiple of ``M``, depths to ``max(16, next_pow2(d))`` (Triton's ``dot`` needs p
 tiles of at least 16); padded keys are masked out of the softmax, padded queries and depths
 are sliced off.
 
-Memory that grows with the map: padded q, k, v, output and log-sum-exp (kept from forward to
-backward), plus, transiently in each pass, ``A_w``/``A_h`` (float32) and in the backward their
-gradients (input dtype): ``O(B·N·HW·(d + Wp + H))``.
+Memory that grows with the map: q, k, v, the output and the log-sum-exp are kept from forward
+to backward; transiently each pass holds their padded copies and ``A_w``/``A_h`` (float32), and
+the backward also ``dA_w``/``dA_h`` (input dtype): ``O(B·N·HW·(d + Wp + H))``.
 
 Backends: on GPU the kernels are compiled with the Pallas Triton lowering. On CPU there is no
 compiled Pallas backend, so ``interpret=None`` (the default) runs Pallas interpret mode there:
