@@ -2,6 +2,8 @@
 
 import collections
 import logging
+import os
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -9,10 +11,12 @@ import numpy as np
 import pytest
 
 from aa_flax.config_utils import base_config
-from aa_flax.data import InputPipeline, load_npz_files, load_splits
+from aa_flax.data import InputPipeline, load_npz_files, load_splits, resolve_num_workers
 from aa_flax.data import preprocess
 from aa_flax.data.sources import ArraySource, DatasetSplits
 from aa_flax.errors import ConfigError, DataError, DatasetNotFoundError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (repository root)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -138,15 +142,15 @@ def test_tfrecord_only_dataset_is_named_as_such(tmp_path, caplog):
 def test_preprocess_shapes_and_determinism():
   rng_image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8)
   for augment in preprocess.AUGMENTATIONS:
-    train = preprocess.train_transform(augment, (24, 20))
+    train = preprocess.TrainTransform(augment, (24, 20))
     first = train({"image": rng_image, "label": 3}, np.random.default_rng(7))
     second = train({"image": rng_image, "label": 3}, np.random.default_rng(7))
     assert first["image"].shape == (24, 20, 3) and first["image"].dtype == np.uint8
     np.testing.assert_array_equal(first["image"], second["image"])
-    evaluated = preprocess.eval_transform(augment, (24, 20))({"image": rng_image, "label": 3})
+    evaluated = preprocess.EvalTransform(augment, (24, 20))({"image": rng_image, "label": 3})
     assert evaluated["image"].shape == (24, 20, 3) and evaluated["label"] == 3
   with pytest.raises(ConfigError, match="Unknown config.data.augment='cutout'.*inception"):
-    preprocess.train_transform("cutout", (8, 8))
+    preprocess.TrainTransform("cutout", (8, 8))
 
 
 def test_cifar_crop_is_a_shifted_window_and_inception_box_is_valid():
@@ -228,14 +232,42 @@ def _tfds_pipeline(name, image_size, augment):
 
 
 @pytest.mark.parametrize("name, size, augment, classes", [
-    ("cifar10", 32, "cifar", 10), ("cifar100", 32, "cifar", 100),
-    ("imagenet2012", 24, "inception", 1000)])
+    ("cifar10", 32, "cifar", 10), ("cifar100", 32, "cifar", 100)])
 def test_tfds_pipelines_under_mock_data(name, size, augment, classes):
   splits, train_batch, eval_batches = _tfds_pipeline(name, size, augment)
   assert splits.num_classes == classes and len(splits.train) == 10
   assert train_batch["image"].shape == (4, size, size, 3)
   assert train_batch["image"].dtype == np.uint8 and train_batch["label"].dtype == np.int32
   assert len(eval_batches) == 3 and sum(b["mask"].sum() for b in eval_batches) == 10
+
+
+@pytest.fixture(scope="module")
+def small_imagenet(tmp_path_factory):
+  """A prepared tfds ``imagenet2012`` (ArrayRecord) of real JPEG photos: 12 train examples
+  labelled 0..11, 5 validation examples labelled 100..104."""
+  from benchmarks import input_data
+  jpegs = input_data.jpeg_images(17, sizes=((75, 100), (100, 67), (90, 120)))
+  data_dir = tmp_path_factory.mktemp("tfds")
+  input_data.write_tfds_imagenet(str(data_dir), {
+      "train": [(jpeg, label) for label, jpeg in enumerate(jpegs[:12])],
+      "validation": [(jpeg, 100 + label) for label, jpeg in enumerate(jpegs[12:])]})
+  return str(data_dir)
+
+
+def test_tfds_imagenet_reads_jpeg_files_and_decodes_in_preprocessing(small_imagenet):
+  config = _data_config(name="imagenet2012", tfds_data_dir=small_imagenet, image_size=24,
+                        augment="inception")
+  splits = load_splits(config, seed=0)
+  assert (len(splits.train), len(splits.eval), splits.num_classes) == (12, 5, 1000)
+  assert isinstance(splits.train[0]["image"], bytes)  # decoded later, at reduced size
+  pipeline = InputPipeline(splits, global_batch_size=4, eval_global_batch_size=4,
+                           image_size=(24, 24), augment="inception", seed=0)
+  with pipeline.train_iterator() as iterator:
+    batch = next(iterator)
+  assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.uint8
+  eval_batches = list(pipeline.eval_batches())
+  labels = np.concatenate([b["label"][b["mask"] > 0] for b in eval_batches])
+  assert sorted(labels.tolist()) == list(range(100, 105))
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
@@ -263,3 +295,46 @@ def test_synthetic_source_is_deterministic_and_sized_by_config():
   np.testing.assert_array_equal(first["image"], again["image"])
   assert first["image"].dtype == np.uint8 and 0 <= first["label"] < 5
   assert not np.array_equal(first["image"], load_splits(config, seed=8).train[3]["image"])
+
+
+def _imagenet_pipeline(data_dir, num_workers, **kwargs):
+  config = _data_config(name="imagenet2012", tfds_data_dir=data_dir, image_size=16,
+                        augment="inception")
+  options = dict(global_batch_size=3, eval_global_batch_size=4, image_size=(16, 16),
+                 augment="inception", seed=5, num_threads=2, num_workers=num_workers)
+  return InputPipeline(load_splits(config, seed=0), **{**options, **kwargs})
+
+
+def test_worker_processes_make_the_same_batches_and_resume_exactly(small_imagenet):
+  """Batches from 2 worker processes equal the in-process ones; a state saved with workers
+  restores without them to the same next batch (5 batches = 15 examples, into epoch 2)."""
+  with _imagenet_pipeline(small_imagenet, 0).train_iterator() as threads:
+    want = [next(threads) for _ in range(5)]
+  with _imagenet_pipeline(small_imagenet, 2).train_iterator() as workers:
+    got = [next(workers), next(workers)]
+    state = workers.get_state()
+  assert state == {"next_index": 2}
+  with _imagenet_pipeline(small_imagenet, 0).train_iterator(state) as resumed:
+    got += [next(resumed) for _ in range(3)]
+  for batch, expected in zip(got, want):
+    np.testing.assert_array_equal(batch["label"], expected["label"])
+    np.testing.assert_array_equal(batch["image"], expected["image"])
+
+
+def test_eval_with_worker_processes_counts_every_example_once(small_imagenet):
+  """Process 0 of 2 reads with 2 worker processes, process 1 in-process threads."""
+  seen = []
+  for process, workers in ((0, 2), (1, 0)):
+    pipeline = _imagenet_pipeline(small_imagenet, workers, process_index=process,
+                                  process_count=2)
+    for batch in pipeline.eval_batches():
+      assert batch["image"].shape == (2, 16, 16, 3)
+      seen.extend(batch["label"][batch["mask"] > 0].tolist())
+  assert sorted(seen) == list(range(100, 105))
+
+
+def test_automatic_worker_count():
+  cores = len(os.sched_getaffinity(0))
+  assert resolve_num_workers(3, "digits") == 3 and resolve_num_workers(0, "imagenet2012") == 0
+  assert resolve_num_workers(-1, "digits") == 0 and resolve_num_workers(-1, "npz") == 0
+  assert resolve_num_workers(-1, "imagenet2012") == (min(cores, 32) if cores > 1 else 0)

@@ -5,30 +5,56 @@ process's share -> batch``. The k-th example of the global stream is fixed by ``
 process ``p`` of ``P`` takes stream positions ``p, p + P, ...``, so global batch ``b`` holds
 stream positions ``[b*B, (b+1)*B)`` whatever the process count. Epochs run into each other
 (no example is dropped). The iterator's state is ``{'next_index': b}``: saving it with a
-checkpoint makes a resumed run read exactly what the uninterrupted one would have.
+checkpoint makes a resumed run read exactly what the uninterrupted one would have, with or
+without worker processes and whatever their number.
 
 Eval: global eval batch ``b`` puts example ``b*G + p*L + s`` in slot ``s`` of process ``p``
 (``G`` global, ``L = G/P`` local batch); slots past the end repeat an example with
 ``mask = 0``, so every example is counted exactly once on any number of processes.
+
+Batches are made by ``num_threads`` threads, each building whole batches; with
+``num_workers > 0`` they are made in that many worker processes instead (each with its own
+threads), which scales the per-example Python work with CPU cores. Worker ``k`` of ``N``
+makes batches ``k, k + N, ...`` and they are read back in order, so the batches are the
+same either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Iterator
 
 import numpy as np
 
 from aa_flax.data import preprocess
-from aa_flax.data.sources import DatasetSplits
+from aa_flax.data.sources import TFDS_DATASETS, DatasetSplits
+
+AUTO_WORKERS = -1  # config.data.num_workers: pick by dataset and host (``resolve_num_workers``)
+MAX_AUTO_WORKERS = 32
+
+
+def resolve_num_workers(requested: int, dataset_name: str) -> int:
+  """Worker processes for ``config.data.num_workers = requested``.
+
+  ``-1`` (auto): one per usable CPU core (at most 32) for tfds datasets on a host with more
+  than one core, else 0 (in-process threads; the small in-memory datasets need no more).
+  """
+  if requested != AUTO_WORKERS:
+    return requested
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  if dataset_name in TFDS_DATASETS and (cores or 1) > 1:
+    return min(cores, MAX_AUTO_WORKERS)
+  return 0
 
 
 @dataclasses.dataclass(frozen=True)
 class InputPipeline:
   """Per-process batches of ``{'image': uint8 [L, h, w, C], 'label': int32 [L]}`` (+ ``mask``).
 
-  ``L = global_batch_size / process_count``; ``(h, w) = image_size``.
+  ``L = global_batch_size / process_count``; ``(h, w) = image_size``. ``num_workers``: worker
+  processes (0: threads in this process only).
   """
   splits: DatasetSplits
   global_batch_size: int
@@ -40,9 +66,13 @@ class InputPipeline:
   process_count: int = 1
   num_threads: int = 4
   prefetch: int = 8
+  num_workers: int = 0
 
   def __post_init__(self):
     preprocess.check_augment(self.augment)
+    if self.num_workers < 0:
+      raise ValueError(f"num_workers={self.num_workers} must be >= 0 (resolve the automatic "
+                       "choice with resolve_num_workers first).")
 
   @property
   def local_batch_size(self) -> int:
@@ -69,21 +99,20 @@ class InputPipeline:
     """Shape ``(h, w, C)`` of a preprocessed image."""
     return (*self.image_size, self.splits.image_shape[-1])
 
-  def _read_options(self):
-    import grain
-    return grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
-
   def train_dataset(self):
     """The per-process training stream as a random-access ``grain.MapDataset`` of batches."""
     import grain
     dataset = (grain.MapDataset.source(self.splits.train).seed(self.seed).shuffle().repeat()
-               .random_map(preprocess.train_transform(self.augment, self.image_size)))
+               .random_map(preprocess.TrainTransform(self.augment, self.image_size)))
     dataset = dataset[self.process_index::self.process_count]
     return dataset.batch(self.local_batch_size, drop_remainder=True)
 
-  def train_iterator(self, state: dict[str, Any] | None = None):
-    """A grain iterator over training batches; ``get_state()``/``set_state()`` checkpoint it."""
-    iterator = iter(self.train_dataset().to_iter_dataset(self._read_options()))
+  def train_iterator(self, state: dict[str, Any] | None = None) -> "TrainIterator":
+    """An iterator over training batches; ``get_state()``/``set_state()`` checkpoint it.
+
+    Close it (or use it in a ``with`` block) to stop its worker processes.
+    """
+    iterator = TrainIterator(self)
     if state is not None:
       iterator.set_state(state)
     return iterator
@@ -91,15 +120,100 @@ class InputPipeline:
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of one pass over the eval split, with ``mask`` float32 [L]."""
     import grain
-    num_examples, local = self.num_eval_examples, self.eval_local_batch_size
-    transform = preprocess.eval_transform(self.augment, self.image_size)
+    load = _EvalSlot(self.splits.eval, preprocess.EvalTransform(self.augment, self.image_size),
+                     self.eval_global_batch_size, self.eval_local_batch_size,
+                     self.process_index)
+    dataset = (grain.MapDataset.range(self.num_eval_batches * self.eval_local_batch_size)
+               .map(load).batch(self.eval_local_batch_size))
+    iterator = self.batch_iterator(dataset)
+    try:
+      yield from iterator
+    finally:
+      _close(iterator)
 
-    def load(slot: int) -> dict[str, Any]:
-      batch, offset = divmod(slot, local)
-      index = batch * self.eval_global_batch_size + self.process_index * local + offset
-      record = transform(self.splits.eval[index % num_examples])
-      record["mask"] = np.float32(index < num_examples)
-      return record
+  def batch_iterator(self, dataset):
+    """Iterates a ``grain.MapDataset`` of batches with this pipeline's threads and workers."""
+    import grain
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=self.num_threads, prefetch_buffer_size=self.prefetch))
+    if self.num_workers > 0:
+      _mark_absl_flags_parsed()
+      iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers,
+          per_worker_buffer_size=max(1, math.ceil(self.prefetch / self.num_workers))))
+    return iter(iter_dataset)
 
-    dataset = grain.MapDataset.range(self.num_eval_batches * local).map(load).batch(local)
-    return iter(dataset.to_iter_dataset(self._read_options()))
+
+class TrainIterator:
+  """Training batches from batch ``next_index`` on; the state is ``{'next_index': int}``.
+
+  The state names a position in the stream, not grain's internals, so it restores with any
+  number of worker processes or threads.
+  """
+
+  def __init__(self, pipeline: InputPipeline):
+    self._pipeline = pipeline
+    self._dataset = pipeline.train_dataset()
+    self._next_index = 0
+    self._iterator = None
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = self._pipeline.batch_iterator(self._dataset[self._next_index:])
+    batch = next(self._iterator)
+    self._next_index += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"next_index": self._next_index}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.close()
+    self._next_index = int(state["next_index"])
+
+  def close(self) -> None:
+    """Stops the worker processes and threads (iterating again restarts them)."""
+    if self._iterator is not None:
+      _close(self._iterator)
+      self._iterator = None
+
+  def __enter__(self) -> "TrainIterator":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalSlot:
+  """Eval slot ``i`` of this process -> its preprocessed record with ``mask`` (see module
+  docstring); a plain object so that worker processes can run it."""
+  source: Any
+  transform: preprocess.EvalTransform
+  global_batch: int
+  local_batch: int
+  process_index: int
+
+  def __call__(self, slot: int) -> dict[str, Any]:
+    batch, offset = divmod(slot, self.local_batch)
+    index = batch * self.global_batch + self.process_index * self.local_batch + offset
+    record = self.transform(self.source[index % len(self.source)])
+    record["mask"] = np.float32(index < len(self.source))
+    return record
+
+
+def _mark_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; outside an absl app (plain Python, notebooks)
+  nothing parsed them, so their defaults are declared final here."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _close(iterator) -> None:
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()

@@ -30,6 +30,9 @@ TFDS_DATASETS = {
     "cifar100": ("train", "test", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet2012": ("train", "validation", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# Datasets whose records keep the JPEG file: preprocessing decodes it, at reduced size when
+# the crop allows (see ``preprocess.crop_and_resize``).
+TFDS_ENCODED_IMAGES = ("imagenet2012",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +67,8 @@ class SyntheticSource:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsSource:
-  """Keeps only ``image`` and ``label`` of a ``tfds.data_source`` record."""
+  """Keeps only ``image`` and ``label`` of a ``tfds.data_source`` record; ``image`` is
+  ``uint8 [H, W, C]``, or the encoded file (``bytes``) when tfds was told not to decode it."""
   source: Sequence[dict[str, Any]]
 
   def __len__(self) -> int:
@@ -72,7 +76,10 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     record = self.source[index]
-    return {"image": np.asarray(record["image"]), "label": np.int32(record["label"])}
+    image = record["image"]
+    if not isinstance(image, bytes):
+      image = np.asarray(image)
+    return {"image": image, "label": np.int32(record["label"])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +261,10 @@ def _tfds_splits(data_config) -> DatasetSplits:
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)  # tfds warns about the folders it probes
   try:
+    decoders = ({"image": tfds.decode.SkipDecoding()} if name in TFDS_ENCODED_IMAGES
+                else None)
     sources = tfds.data_source(name, split=[train_split, eval_split], data_dir=data_dir,
-                               download=False)
+                               download=False, decoders=decoders)
     builder = tfds.builder(name, data_dir=data_dir)
     num_classes = builder.info.features["label"].num_classes
   except Exception as error:  # tfds raises assorted types for missing or TFRecord-only data.
