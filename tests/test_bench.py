@@ -145,3 +145,15 @@ def test_bench_attention_records_a_failing_method_and_goes_on(tmp_path, monkeypa
   assert [r["method"] for r in rows] == ["plain"]
   failures = json.loads((tmp_path / "flaky.json").read_text())["extra"]["failures"]
   assert failures[0]["method"] == "skew" and "RESOURCE_EXHAUSTED" in failures[0]["error"]
+
+
+def test_bench_input_times_both_paths_and_writes_results(tmp_path):
+  from benchmarks import bench_input
+  rows = bench_input.run(num_images=4, batch=2, image_size=32, seconds=0, threads=(1,),
+                         workers=(), sources=("npz",), name="input", out_dir=str(tmp_path))
+  inline = {(r["split"], r["path"]) for r in rows if r["mode"] == "inline"}
+  assert inline == {(s, p) for s in ("train", "eval") for p in ("before", "after")}
+  assert all(r["img_per_s"] > 0 and r["images"] >= 4 for r in rows if r["mode"] == "inline")
+  saved = json.loads((tmp_path / "input.json").read_text())
+  assert saved["environment"]["usable_cores"] >= 1
+  assert saved["extra"]["npz_train_after_over_before_per_core"] > 0
