@@ -18,7 +18,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 # Keys that change what is trained (model, data) and so may not change between a checkpoint
 # and the run that resumes it. Loader performance knobs are free to change.
 RESUME_SECTIONS = ("model", "data")
-RESUME_FREE_KEYS = ("data.num_threads", "data.prefetch", "data.tfds_data_dir")
+RESUME_FREE_KEYS = ("data.num_threads", "data.num_workers", "data.prefetch",
+                    "data.tfds_data_dir")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -38,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment = "none"  # none | flip | cifar | inception
   config.data.mean = ()  # per channel, 0..1 scale; empty: from the dataset
   config.data.std = ()
-  config.data.num_threads = 4  # grain reader threads per process
+  config.data.num_threads = 4  # grain reader threads per process (shared among its workers)
+  config.data.num_workers = -1  # worker processes; -1: auto (tfds datasets on multi-core hosts)
   config.data.prefetch = 8  # batches of look-ahead
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.channels = 3

@@ -13,8 +13,8 @@ Eval: global eval batch ``b`` puts example ``b*G + p*L + s`` in slot ``s`` of pr
 ``mask = 0``, so every example is counted exactly once on any number of processes.
 
 Batches are made by ``num_threads`` threads, each building whole batches; with
-``num_workers > 0`` they are made in that many worker processes instead (each with its own
-threads), which scales the per-example Python work with CPU cores. Worker ``k`` of ``N``
+``num_workers > 0`` they are made in that many worker processes instead (the threads split
+among them), which scales the per-example Python work with CPU cores. Worker ``k`` of ``N``
 makes batches ``k, k + N, ...`` and they are read back in order, so the batches are the
 same either way.
 """
@@ -53,8 +53,9 @@ def resolve_num_workers(requested: int, dataset_name: str) -> int:
 class InputPipeline:
   """Per-process batches of ``{'image': uint8 [L, h, w, C], 'label': int32 [L]}`` (+ ``mask``).
 
-  ``L = global_batch_size / process_count``; ``(h, w) = image_size``. ``num_workers``: worker
-  processes (0: threads in this process only).
+  ``L = global_batch_size / process_count``; ``(h, w) = image_size``. ``num_threads`` reader
+  threads in all; ``num_workers`` worker processes that share them (0: threads in this
+  process only).
   """
   splits: DatasetSplits
   global_batch_size: int
@@ -134,8 +135,11 @@ class InputPipeline:
   def batch_iterator(self, dataset):
     """Iterates a ``grain.MapDataset`` of batches with this pipeline's threads and workers."""
     import grain
+    threads = self.num_threads
+    if self.num_workers > 0:
+      threads = max(1, math.ceil(threads / self.num_workers))  # each worker's share
     iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=self.num_threads, prefetch_buffer_size=self.prefetch))
+        num_threads=threads, prefetch_buffer_size=self.prefetch))
     if self.num_workers > 0:
       _mark_absl_flags_parsed()
       iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
