@@ -7,6 +7,9 @@ the train state is replicated. Each process feeds only its local share of a glob
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
 from typing import Any
 
 import jax
@@ -83,3 +86,76 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   sharding = batch_sharded(mesh)
   return {key: jax.make_array_from_process_local_data(sharding, value)
           for key, value in local_batch.items()}
+
+
+class DeviceBatches:
+  """Global batches put on the devices by a background thread, up to ``ahead`` in advance.
+
+  Wraps an iterator of local host batches with ``get_state()`` (the data iterators). While
+  the training loop runs step ``k``, the thread already reads batch ``k + 1`` from the host
+  pipeline and starts its transfer, so a step need not wait for the host or the link.
+  ``get_state()`` is the host iterator's state after the last batch *taken*: batches still
+  in flight are read again after a restore, so resuming stays exact.
+
+  ``wait_seconds`` adds up the time the loop spent blocked waiting for a batch: near zero
+  when the devices bound the step, most of the step when the input pipeline does.
+  Use as a context manager (or call ``close``) to stop the thread and the host iterator.
+  """
+
+  def __init__(self, host_batches, mesh: Mesh, ahead: int = 2):
+    if ahead < 1:
+      raise ValueError(f"ahead={ahead} must be >= 1.")
+    self._host = host_batches
+    self._mesh = mesh
+    self._state = host_batches.get_state()
+    self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, daemon=True,
+                                    name="aa_flax-device-batches")
+    self._thread.start()
+    self.wait_seconds = 0.0
+
+  def _produce(self) -> None:
+    try:
+      while not self._stop.is_set():
+        batch = global_batch(next(self._host), self._mesh)
+        self._put((batch, self._host.get_state(), None))
+    except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+      self._put((None, None, error))
+
+  def _put(self, item) -> None:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def __iter__(self) -> "DeviceBatches":
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    start = time.perf_counter()
+    batch, state, error = self._queue.get()
+    self.wait_seconds += time.perf_counter() - start
+    if error is not None:
+      self._queue.put((None, None, error))  # every later call raises it too
+      raise error
+    self._state = state
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join()
+    close = getattr(self._host, "close", None)
+    if close is not None:
+      close()
+
+  def __enter__(self) -> "DeviceBatches":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

@@ -338,3 +338,54 @@ def test_automatic_worker_count():
   assert resolve_num_workers(3, "digits") == 3 and resolve_num_workers(0, "imagenet2012") == 0
   assert resolve_num_workers(-1, "digits") == 0 and resolve_num_workers(-1, "npz") == 0
   assert resolve_num_workers(-1, "imagenet2012") == (min(cores, 32) if cores > 1 else 0)
+
+
+class _SlowBatches:
+  """Host batches ``{'image': [8, 2] = b, 'label': [8] = b}`` for b = 0, 1, ..., each after
+  ``delay`` seconds; raises ``ValueError`` at ``fail_at``."""
+
+  def __init__(self, delay=0.0, fail_at=None):
+    self.next_index, self.delay, self.fail_at = 0, delay, fail_at
+
+  def __next__(self):
+    import time
+    time.sleep(self.delay)
+    if self.next_index == self.fail_at:
+      raise ValueError("broken record")
+    b = self.next_index
+    self.next_index += 1
+    return {"image": np.full((8, 2), b, np.uint8), "label": np.full((8,), b, np.int32)}
+
+  def get_state(self):
+    return {"next_index": self.next_index}
+
+
+def test_device_batches_are_global_in_order_and_their_state_counts_taken_batches():
+  import jax
+  from aa_flax import parallel
+  mesh = parallel.create_mesh()
+  host = _SlowBatches()
+  with parallel.DeviceBatches(host, mesh, ahead=3) as batches:
+    assert batches.get_state() == {"next_index": 0}
+    for b in range(4):
+      batch = next(batches)
+      assert isinstance(batch["image"], jax.Array) and batch["image"].shape == (8, 2)
+      assert batch["label"].sharding.is_equivalent_to(parallel.batch_sharded(mesh), 1)
+      np.testing.assert_array_equal(np.asarray(batch["label"]), np.full(8, b))
+      assert batches.get_state() == {"next_index": b + 1}
+    import time
+    time.sleep(0.2)
+    assert host.next_index > 4  # read ahead, yet the state names the next batch to take
+
+
+def test_device_batches_count_waiting_and_raise_host_errors():
+  from aa_flax import parallel
+  mesh = parallel.create_mesh()
+  with parallel.DeviceBatches(_SlowBatches(delay=0.05, fail_at=3), mesh) as batches:
+    for _ in range(3):
+      next(batches)
+    assert batches.wait_seconds >= 0.1
+    with pytest.raises(ValueError, match="broken record"):
+      next(batches)
+    with pytest.raises(ValueError, match="broken record"):
+      next(batches)
