@@ -157,3 +157,16 @@ def test_bench_input_times_both_paths_and_writes_results(tmp_path):
   saved = json.loads((tmp_path / "input.json").read_text())
   assert saved["environment"]["usable_cores"] >= 1
   assert saved["extra"]["npz_train_after_over_before_per_core"] > 0
+
+
+def test_bench_train_input_gap_feeds_the_real_pipeline():
+  previous = jax.config.jax_disable_most_optimizations
+  jax.config.update("jax_disable_most_optimizations", True)  # compile time, not speed
+  try:
+    rows = bench_train.measure_input_gap("resnet_tiny", batch=8, image_size=16,
+                                         dtype="float32", steps=2, warmup=1, num_images=16)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+  assert [r["feed"] for r in rows] == ["synthetic", "pipeline", "pipeline_inline"]
+  assert rows[0]["gap_ms"] == 0 and rows[0]["wait_ms"] == 0
+  assert all(r["step_ms"] > 0 and r["wait_ms"] >= 0 for r in rows)
