@@ -160,7 +160,7 @@ def test_bench_input_times_both_paths_and_writes_results(tmp_path):
 
 
 def test_bench_train_input_gap_feeds_the_real_pipeline():
-  previous = jax.config.jax_disable_most_optimizations
+  previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)  # compile time, not speed
   try:
     rows = bench_train.measure_input_gap("resnet_tiny", batch=8, image_size=16,
