@@ -18,8 +18,9 @@ Rows:
   Pipeline rows time whole batches after each worker's first one (``startup_s``: until then);
   ``per_core`` divides by ``min(threads or workers, usable cores)``.
 
-Example (the numbers in docs/PERFORMANCE.md; run on an otherwise idle machine):
+Examples (the numbers in docs/PERFORMANCE.md; run on an otherwise idle machine):
   python -m benchmarks.bench_input --images 512 --batch 32 --seconds 10
+  python -m benchmarks.bench_input --sizes 1200x1600 --sources tfds --name bench_input_large
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ def usable_cores() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def prepare_sources(data_dir: str, num_images: int, seed: int = 0) -> dict[str, Any]:
+def prepare_sources(data_dir: str, num_images: int,
+                    sizes: tuple[tuple[int, int], ...] = input_data.IMAGENET_SIZES,
+                    seed: int = 0) -> dict[str, Any]:
   """Writes the JPEGs as tfds ``imagenet2012`` and as an npz; returns the opened splits."""
-  jpegs = input_data.jpeg_images(num_images, seed=seed)
+  jpegs = input_data.jpeg_images(num_images, sizes=sizes, seed=seed)
   labels = np.arange(num_images) % 1000
   examples = list(zip(jpegs, labels))
   input_data.write_tfds_imagenet(data_dir, {"train": examples, "validation": examples})
-  size = input_data.IMAGENET_SIZES[0]
-  same_size = input_data.decode_all(input_data.jpeg_images(num_images, sizes=(size,),
+  same_size = input_data.decode_all(input_data.jpeg_images(num_images, sizes=sizes[:1],
                                                            seed=seed))
   npz_path = os.path.join(data_dir, "photos.npz")
   np.savez(npz_path, images=np.stack(same_size), labels=labels.astype(np.int32))
@@ -130,8 +132,9 @@ def before_train_iterator(source, transform, batch: int, threads: int) -> Iterat
 
 def run(num_images: int = 512, batch: int = 32, image_size: int = 224, seconds: float = 10.0,
         threads: tuple[int, ...] = (1, 2), workers: tuple[int, ...] = (1, 2),
-        sources: tuple[str, ...] = ("tfds", "npz"), name: str = "bench_input",
-        out_dir: str = common.RESULTS_DIR) -> list[dict[str, Any]]:
+        sources: tuple[str, ...] = ("tfds", "npz"),
+        sizes: tuple[tuple[int, int], ...] = input_data.IMAGENET_SIZES,
+        name: str = "bench_input", out_dir: str = common.RESULTS_DIR) -> list[dict[str, Any]]:
   size = (image_size, image_size)
   cores = usable_cores()
   rows = []
@@ -145,7 +148,7 @@ def run(num_images: int = 512, batch: int = 32, image_size: int = 224, seconds: 
           flush=True)
 
   with tempfile.TemporaryDirectory() as data_dir:
-    splits = prepare_sources(data_dir, num_images)
+    splits = prepare_sources(data_dir, num_images, sizes)
     for source_name in sources:
       after = splits[source_name]
       before_sources = {"tfds": splits["tfds_decoded"],
@@ -177,7 +180,8 @@ def run(num_images: int = 512, batch: int = 32, image_size: int = 224, seconds: 
           add({**row, "split": "eval"},
               time_batches(pipeline.eval_batches, batch, seconds, warmup,
                            max_batches=pipeline.num_eval_batches - warmup), count)
-  env = {**common.environment(), "usable_cores": cores}
+  env = {**common.environment(), "usable_cores": cores,
+         "jpeg_sizes": [f"{h}x{w}" for h, w in sizes]}
   common.save_results(name, rows, COLUMNS, env, out_dir, extra=ratios(rows))
   print(ratios(rows))
   return rows
@@ -209,12 +213,17 @@ def main(argv=None):
   parser.add_argument("--threads", default="1,2", help="grain thread counts to time")
   parser.add_argument("--workers", default="1,2", help="worker process counts to time")
   parser.add_argument("--sources", default="tfds,npz")
+  parser.add_argument("--sizes", default=",".join(f"{h}x{w}" for h, w in
+                                                  input_data.IMAGENET_SIZES),
+                      help="JPEG sizes HxW, cycled (the npz holds the first size only)")
   parser.add_argument("--name", default="bench_input")
   parser.add_argument("--out-dir", default=common.RESULTS_DIR)
   args = parser.parse_args(argv)
   as_ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
+  sizes = tuple(tuple(int(x) for x in size.split("x")) for size in args.sizes.split(","))
   return run(args.images, args.batch, args.image_size, args.seconds, as_ints(args.threads),
-             as_ints(args.workers), tuple(args.sources.split(",")), args.name, args.out_dir)
+             as_ints(args.workers), tuple(args.sources.split(",")), sizes, args.name,
+             args.out_dir)
 
 
 if __name__ == "__main__":
