@@ -182,9 +182,29 @@ def run(num_images: int = 512, batch: int = 32, image_size: int = 224, seconds: 
                            max_batches=pipeline.num_eval_batches - warmup), count)
   env = {**common.environment(), "usable_cores": cores,
          "jpeg_sizes": [f"{h}x{w}" for h, w in sizes]}
-  common.save_results(name, rows, COLUMNS, env, out_dir, extra=ratios(rows))
+  decode_table = reduced_decode_share(sizes, image_size)
+  common.save_results(name, rows, COLUMNS, env, out_dir,
+                      extra={"ratios": ratios(rows), "reduced_decode": decode_table})
   print(ratios(rows))
+  print(common.markdown_table(decode_table, list(decode_table[0])))
   return rows
+
+
+def reduced_decode_share(sizes, image_size: int, samples: int = 20_000) -> list[dict]:
+  """Per JPEG size: the share of Inception crops decoded at reduced DCT scale, the mean
+  fraction of pixels decoded, and the eval crop's scale divisor (counts, not timings)."""
+  rng = np.random.default_rng(0)
+  out = (image_size, image_size)
+  table = []
+  for height, width in dict.fromkeys(sizes):
+    scales = np.array([preprocess.dct_scale(*preprocess.inception_crop_box(
+        height, width, rng)[2:], out) for _ in range(samples)])
+    table.append({"jpeg": f"{height}x{width}", "output": image_size,
+                  "train_reduced_share": float((scales > 1).mean()),
+                  "train_pixels_decoded": float(np.mean(1.0 / scales ** 2)),
+                  "eval_divisor": preprocess.dct_scale(
+                      *preprocess.center_crop_box(height, width)[2:], out)})
+  return table
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -156,7 +156,8 @@ def test_bench_input_times_both_paths_and_writes_results(tmp_path):
   assert all(r["img_per_s"] > 0 and r["images"] >= 4 for r in rows if r["mode"] == "inline")
   saved = json.loads((tmp_path / "input.json").read_text())
   assert saved["environment"]["usable_cores"] >= 1
-  assert saved["extra"]["npz_train_after_over_before_per_core"] > 0
+  assert saved["extra"]["ratios"]["npz_train_after_over_before_per_core"] > 0
+  assert saved["extra"]["reduced_decode"][0]["jpeg"] == "375x500"
 
 
 def test_bench_train_input_gap_feeds_the_real_pipeline():
