@@ -1,8 +1,9 @@
 """Training and evaluation: the train state, the jitted steps, the loop, ``train_and_evaluate``.
 
-Data flow: config -> ``InputPipeline`` (per-process uint8 batches) -> ``parallel.global_batch``
-(sharded on ``data``) -> jitted ``train_step`` (state replicated and donated) -> metrics,
-checkpoints. Under ``jax.jit`` BatchNorm statistics are over the global batch.
+Data flow: config -> ``InputPipeline`` (per-process uint8 batches) ->
+``parallel.DeviceBatches`` (global batches sharded on ``data``, transferred ahead) -> jitted
+``train_step`` (state replicated and donated) -> metrics, checkpoints. Under ``jax.jit``
+BatchNorm statistics are over the global batch.
 """
 
 from __future__ import annotations
@@ -172,6 +173,14 @@ class _MetricWindow:
     return {**self.sums, "count": self.count, "learning_rate": self.learning_rate}
 
 
+def _data_wait(wait_s: float, elapsed_s: float, steps: int) -> dict[str, float]:
+  """Time the loop spent waiting for input batches (console only: metrics.jsonl stays a
+  function of the config): ``data_wait_ms`` per step and ``data_wait_fraction`` of the wall
+  time. A fraction near 1 means the input pipeline, not the devices, bounds the step."""
+  return {"data_wait_ms": 1e3 * wait_s / max(steps, 1),
+          "data_wait_fraction": min(1.0, wait_s / max(elapsed_s, 1e-9))}
+
+
 def _num_train_steps(config, steps_per_epoch: float) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
@@ -242,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     NonFiniteError (see ``aa_flax.errors``).
   """
   from aa_flax.checkpoint import Checkpointer, check_resume_config, check_workdir
-  from aa_flax.data import InputPipeline, load_splits
+  from aa_flax.data import InputPipeline, load_splits, resolve_num_workers
   from aa_flax.metric_logging import MetricLogger
   from aa_flax.preemption import PreemptionWatcher
 
@@ -256,7 +265,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       splits, global_batch_size=config.batch_size, eval_global_batch_size=config.eval_batch_size,
       image_size=image_size, augment=config.data.augment, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+      num_threads=config.data.num_threads, prefetch=config.data.prefetch,
+      num_workers=resolve_num_workers(config.data.num_workers, splits.name))
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
   if model is None:
     model = build_model(config, splits.num_classes, dtype)
@@ -347,13 +357,15 @@ def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pip
 def _train_loop(config, workdir, state, extra, start_step, total_steps, train_step, eval_step,
                 pipeline, mesh, checkpointer, logger, config_dict, is_main,
                 watcher_cls) -> dict[str, Any]:
-  iterator = pipeline.train_iterator(extra.get("data_iterator"))
+  # Reads and transfers the next batches while a step runs; its state is that of the last
+  # batch taken, so a checkpoint resumes exactly.
+  iterator = parallel.DeviceBatches(pipeline.train_iterator(extra.get("data_iterator")), mesh)
   window = _MetricWindow(extra.get("metric_window"))
   skipped = int(extra.get("skipped_steps", 0))
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   last_saved = checkpointer.latest_step()
   step = start_step
-  timer = (time.perf_counter(), step)
+  timer = (time.perf_counter(), step, iterator.wait_seconds)
 
   def flush() -> None:
     """Fetches pending step metrics; stops (or counts skips) on non-finite steps."""
@@ -393,25 +405,27 @@ def _train_loop(config, workdir, state, extra, start_step, total_steps, train_st
   watcher = watcher_cls()
   try:
     while step < total_steps:
-      batch = parallel.global_batch(next(iterator), mesh)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, next(iterator))
       step += 1
       pending.append((step, metrics))
       if step == start_step + 1:  # keep compilation out of img/s and the ETA
         jax.block_until_ready(metrics)
-        timer = (time.perf_counter(), step)
+        timer = (time.perf_counter(), step, iterator.wait_seconds)
       if step % config.log_every_steps == 0 or step == total_steps:
         flush()
         means = window.means()
         elapsed, steps_done = time.perf_counter() - timer[0], step - timer[1]
         images_per_s = steps_done * config.batch_size / max(elapsed, 1e-9)
         eta_s = (total_steps - step) * elapsed / max(steps_done, 1)
+        data_wait = _data_wait(iterator.wait_seconds - timer[2], elapsed, steps_done)
         logger.write(step, "train", {**means, "skipped_steps": skipped})
-        logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s ETA %s", step,
-                     total_steps, means["loss"], means["accuracy"], means["learning_rate"],
-                     images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+        logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s, waiting for data "
+                     "%.1f ms/step (%.0f%%) ETA %s", step, total_steps, means["loss"],
+                     means["accuracy"], means["learning_rate"], images_per_s,
+                     data_wait["data_wait_ms"], 100 * data_wait["data_wait_fraction"],
+                     time.strftime("%H:%M:%S", time.gmtime(eta_s)))
         window = _MetricWindow()
-        timer = (time.perf_counter(), step)
+        timer = (time.perf_counter(), step, iterator.wait_seconds)
       # Eval before save: a run killed in between redoes both after resuming.
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
         run_eval(step)
@@ -436,3 +450,4 @@ def _train_loop(config, workdir, state, extra, start_step, total_steps, train_st
     return {**results, "preempted": False}
   finally:
     watcher.close()
+    iterator.close()

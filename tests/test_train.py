@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -29,16 +31,33 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
+class _Lines(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-  """One uninterrupted 12-step run of the tiny config on digits (8 devices)."""
+  """One uninterrupted 12-step run of the tiny config on digits (8 devices), and its log."""
   workdir = tmp_path_factory.mktemp("digits")
-  result = aa_flax.train_and_evaluate(tiny_config(), str(workdir))
-  return workdir, result
+  console, absl_logger = _Lines(), logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.addHandler(console)
+  absl_logger.setLevel(logging.INFO)
+  try:
+    result = aa_flax.train_and_evaluate(tiny_config(), str(workdir))
+  finally:
+    absl_logger.removeHandler(console)
+    absl_logger.setLevel(level)
+  return workdir, result, console.lines
 
 
 def test_digits_end_to_end(digits_run):
-  workdir, result = digits_run
+  workdir, result, console = digits_run
   results = read_json(workdir / "eval_results.json")
   assert set(results) == {"step", "top1", "top5", "loss", "num_examples"}
   assert results["step"] == 12 and results["num_examples"] == 360
@@ -58,7 +77,7 @@ def test_digits_end_to_end(digits_run):
 
 
 def test_eval_only_reproduces_final_eval(digits_run, tmp_path):
-  workdir, result = digits_run
+  workdir, result, _ = digits_run
   config = tiny_config(eval_only=True, checkpoint_path=str(workdir / "checkpoints" / "12"))
   evaluated = aa_flax.train_and_evaluate(config, str(tmp_path))
   assert {k: evaluated[k] for k in ("step", "top1", "top5", "loss", "num_examples")} == \
@@ -66,16 +85,27 @@ def test_eval_only_reproduces_final_eval(digits_run, tmp_path):
   assert read_json(tmp_path / "eval_results.json")["top1"] == result["top1"]
 
 
-def test_resume_from_middle_checkpoint_matches_uninterrupted(digits_run, tmp_path):
-  workdir, result = digits_run
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_middle_checkpoint_matches_uninterrupted(digits_run, tmp_path, num_workers):
+  """Also when the resumed run reads (and evaluates) with worker processes."""
+  workdir, result, _ = digits_run
   resumed_dir = tmp_path / "resumed"
   shutil.copytree(workdir, resumed_dir)
   shutil.rmtree(resumed_dir / "checkpoints" / "12")  # as if killed between steps 6 and 12
   (resumed_dir / "eval_results.json").unlink()
-  resumed = aa_flax.train_and_evaluate(tiny_config(), str(resumed_dir))
+  config = tiny_config(**{"data.num_workers": num_workers})
+  resumed = aa_flax.train_and_evaluate(config, str(resumed_dir))
   assert resumed == result
   assert_trees_equal(final_state(resumed_dir), final_state(workdir))
   assert read_jsonl(resumed_dir / "metrics.jsonl") == read_jsonl(workdir / "metrics.jsonl")
+
+
+def test_console_shows_the_time_waiting_for_data(digits_run):
+  lines = [line for line in digits_run[2] if line.startswith("step ")]
+  assert len(lines) == 4
+  for line in lines:
+    match = re.search(r"img/s, waiting for data ([0-9.]+) ms/step \(([0-9]+)%\)", line)
+    assert match and 0 <= int(match.group(2)) <= 100, line
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
