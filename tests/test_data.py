@@ -4,6 +4,7 @@ import collections
 import logging
 import os
 import sys
+import types
 from pathlib import Path
 
 import ml_collections
@@ -338,6 +339,18 @@ def test_automatic_worker_count():
   assert resolve_num_workers(3, "digits") == 3 and resolve_num_workers(0, "imagenet2012") == 0
   assert resolve_num_workers(-1, "digits") == 0 and resolve_num_workers(-1, "npz") == 0
   assert resolve_num_workers(-1, "imagenet2012") == (min(cores, 32) if cores > 1 else 0)
+  with pytest.raises(ConfigError, match="num_workers=-2 is invalid"):
+    resolve_num_workers(-2, "digits")
+
+
+def test_worker_processes_from_a_script_read_from_stdin_are_refused(monkeypatch):
+  main = types.ModuleType("__main__")
+  main.__file__ = "/nonexistent/<stdin>"
+  monkeypatch.setitem(sys.modules, "__main__", main)
+  with pytest.raises(ConfigError, match=r"num_workers=2: .*not a file.*set it to 0"):
+    InputPipeline(_splits(4, 4), global_batch_size=2, eval_global_batch_size=2,
+                  image_size=(6, 5), augment="none", seed=0, num_workers=2)
+  assert resolve_num_workers(-1, "imagenet2012") == 0
 
 
 class _SlowBatches:

@@ -24,12 +24,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from typing import Any, Iterator
 
 import numpy as np
 
 from aa_flax.data import preprocess
 from aa_flax.data.sources import TFDS_DATASETS, DatasetSplits
+from aa_flax.errors import ConfigError
 
 AUTO_WORKERS = -1  # config.data.num_workers: pick by dataset and host (``resolve_num_workers``)
 MAX_AUTO_WORKERS = 32
@@ -40,13 +42,28 @@ def resolve_num_workers(requested: int, dataset_name: str) -> int:
 
   ``-1`` (auto): one per usable CPU core (at most 32) for tfds datasets on a host with more
   than one core, else 0 (in-process threads; the small in-memory datasets need no more).
+  Auto is 0 too where worker processes cannot start (``_unstartable_main``).
   """
+  if requested < AUTO_WORKERS:
+    raise ConfigError(f"config.data.num_workers={requested} is invalid; use 0 (no worker "
+                      "processes), a positive count, or -1 (automatic).")
   if requested != AUTO_WORKERS:
     return requested
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  if dataset_name in TFDS_DATASETS and (cores or 1) > 1:
+  if dataset_name in TFDS_DATASETS and (cores or 1) > 1 and not _unstartable_main():
     return min(cores, MAX_AUTO_WORKERS)
   return 0
+
+
+def _unstartable_main() -> str | None:
+  """Why worker processes cannot start here, or None. They are spawned, and a spawned
+  process re-imports the main script by its path, which a script read from standard input
+  does not have (notebooks and ``python -c`` have no main path and are fine)."""
+  main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+  if main_file and not os.path.exists(main_file):
+    return (f"worker processes cannot start from a main script that is not a file "
+            f"({main_file!r})")
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +89,11 @@ class InputPipeline:
   def __post_init__(self):
     preprocess.check_augment(self.augment)
     if self.num_workers < 0:
-      raise ValueError(f"num_workers={self.num_workers} must be >= 0 (resolve the automatic "
-                       "choice with resolve_num_workers first).")
+      raise ConfigError(f"num_workers={self.num_workers} must be >= 0 (resolve the automatic "
+                        "choice with resolve_num_workers first).")
+    blocker = self.num_workers > 0 and _unstartable_main()
+    if blocker:
+      raise ConfigError(f"config.data.num_workers={self.num_workers}: {blocker}; set it to 0.")
 
   @property
   def local_batch_size(self) -> int:
