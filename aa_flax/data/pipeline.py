@@ -230,8 +230,9 @@ class _EvalSlot:
 
 
 def _mark_absl_flags_parsed() -> None:
-  """grain's worker processes read absl flags; outside an absl app (plain Python, notebooks)
-  nothing parsed them, so their defaults are declared final here."""
+  """grain (0.2.18 and earlier releases) reads absl flags when it starts worker processes;
+  outside an absl app (plain Python, notebooks) nothing parsed them, and reading raises
+  ``UnparsedFlagAccessError``. Their defaults are declared final here."""
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
