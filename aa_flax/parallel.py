@@ -149,7 +149,7 @@ class DeviceBatches:
 
   def close(self) -> None:
     self._stop.set()
-    self._thread.join()
+    self._thread.join(timeout=60)  # a daemon: a host read that hangs cannot block exit
     close = getattr(self._host, "close", None)
     if close is not None:
       close()
