@@ -5,6 +5,7 @@
 Without ``--config`` the embedded default (``configs/default.py``) runs. Every config key is
 listed in docs/CONFIG.md. Multi-process runs (TPU pods, GPU clusters) call
 ``jax.distributed.initialize`` first; see README, "Multi-host and multi-GPU".
+Each invocation appends its wall time and machine to ``<workdir>/run_info.json``.
 Exit status: 0 done; 1 a user error (one line on stderr); 75 preempted by SIGTERM after
 writing a checkpoint (rerun the same command to resume).
 """
@@ -12,6 +13,7 @@ writing a checkpoint (rerun the same command to resume).
 import logging as python_logging
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -87,14 +89,17 @@ def main(argv):
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                                   _NUM_PROCESSES.value, _PROCESS_ID.value)
   import aa_flax
+  from aa_flax import run_info
   from aa_flax.errors import AAFlaxError
   from aa_flax.preemption import EXIT_PREEMPTED
   logging.info(_summary(_CONFIG.value, _WORKDIR.value))
+  start = time.perf_counter()
   try:
     result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except AAFlaxError as error:
     print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
     sys.exit(1)
+  run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:
     sys.exit(EXIT_PREEMPTED)
 
