@@ -245,7 +245,7 @@ def attention_maps(loaded: LoadedModel, image: np.ndarray, queries: Sequence[Que
   apply = jax.jit(lambda v, x: loaded.model.apply(
       v, x, train=False, mutable=["intermediates"], capture_intermediates=_is_aaconv_call)[1])
   state = flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(apply(loaded.variables, images))["intermediates"])
+      flax.core.unfreeze(apply(loaded.variables, images)).get("intermediates", {}))
   weights = {"/".join(path[:-1]): value[0] for path, value in state.items()
              if path[-1] == "attention_weights"}
   if not weights:
