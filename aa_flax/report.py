@@ -81,6 +81,19 @@ class Run:
     return run_info.total_wall_time(self.info)
 
   @property
+  def load_average(self) -> Optional[float]:
+    """1-minute load average of the host when the last segment ended (if recorded)."""
+    segments = (self.info or {}).get("segments") or [{}]
+    load = segments[-1].get("load_average_end")
+    return load[0] if load else None
+
+  @property
+  def wall_time(self) -> str:
+    """``'12m03s'`` (plus the host's load when recorded: timings on a busy host are slow)."""
+    text = format_duration(self.wall_time_s)
+    return text if self.load_average is None else f"{text} (load {self.load_average:g})"
+
+  @property
   def hardware(self) -> str:
     if not self.info or not self.info.get("segments"):
       return "not recorded"
@@ -269,7 +282,7 @@ def matched_runs_lines(matched: Sequence[_Matched]) -> list[str]:
     lines.append(f"| {item.row.table} | {item.row.label} | `{run.workdir}` | "
                  f"{run.step if run.step is not None else '—'}"
                  f"{'' if run.finished else ' (unfinished)'} | {_epochs(run)} | "
-                 f"{format_duration(run.wall_time_s)} | {run.hardware} | {changes} |")
+                 f"{run.wall_time} | {run.hardware} | {changes} |")
   return lines
 
 
@@ -336,7 +349,7 @@ def mean_and_spread(values: Sequence[float]) -> str:
 def _recipe_summary(config: dict[str, Any]) -> str:
   optimizer = config["optimizer"]
   length = (f"{config['num_train_steps']} steps" if config.get("num_train_steps", -1) > 0
-            else f"{config['num_epochs']:g} epochs")
+            else f"{config['num_epochs']:g} epoch(s)")
   overrides = config["model"].get("overrides") or {}
   model = config["model"]["name"] + (f" {overrides}" if overrides else "")
   return (f"model {model}; {length}, batch {config['batch_size']}, "
@@ -356,7 +369,7 @@ def project_section(runs: Sequence[Run]) -> list[str]:
     done = [run for run in group if run.finished]
     top1 = mean_and_spread([r.results["top1"] for r in done]) if done else "unfinished"
     top5 = mean_and_spread([r.results["top5"] for r in done]) if done else "unfinished"
-    times = ", ".join(format_duration(r.wall_time_s) for r in group)
+    times = ", ".join(r.wall_time for r in group)
     lines.append(f"| {group[0].config['model']['name']} | {_data_description(group[0].config)} "
                  f"| {len(group)} | {top1} | {top5} | {times} |")
   for index, group in enumerate(groups, 1):
@@ -375,7 +388,7 @@ def project_section(runs: Sequence[Run]) -> list[str]:
                    f"{run.step if run.step is not None else '—'} | {_epochs(run)} | "
                    f"{_percent(run.results['top1']) if run.finished else 'unfinished'} | "
                    f"{_percent(run.results['top5']) if run.finished else 'unfinished'} | "
-                   f"{format_duration(run.wall_time_s)} |")
+                   f"{run.wall_time} |")
   return lines
 
 
@@ -399,7 +412,7 @@ def plot_curves(runs: Sequence[Run], path: str) -> bool:
       train = [r for r in run.records if r.get("split") == "train" and "loss" in r]
       evals = [r for r in run.records if r.get("split") == "eval" and "top1" in r]
       loss_axis.plot([r["step"] * scale for r in train], [r["loss"] for r in train],
-                     label=label, **style)
+                     marker=".", markersize=2, label=label, **style)
       top1_axis.plot([r["step"] * scale for r in evals], [100 * r["top1"] for r in evals],
                      marker="o", markersize=3, label=label, **style)
   unit = "epoch" if in_epochs else "step"
@@ -419,9 +432,10 @@ def plot_curves(runs: Sequence[Run], path: str) -> bool:
 
 def build_report(runs: Sequence[Run], out_path: str, table_numbers: Sequence[int] = (1, 2, 3, 4,
                  6, 7), with_flops: bool = True, skipped: Sequence[str] = (),
-                 command: str = "") -> str:
+                 command: str = "", project_extra: Sequence[str] = ()) -> str:
   """Writes the markdown report to ``out_path`` and its figures to ``figures/`` beside it.
 
+  ``project_extra``: markdown lines appended to part 2 (e.g. a figure made by the caller).
   Returns the markdown.
   """
   out_dir = os.path.dirname(os.path.abspath(out_path))
@@ -442,8 +456,9 @@ def build_report(runs: Sequence[Run], out_path: str, table_numbers: Sequence[int
       "count 2; every conv tap counted, as in the paper). Our top-1/top-5 come only from a "
       "run's `eval_results.json` whose `config.json` trains the row's architecture on the "
       "row's data; a row without one says \"not run\". Differences of accuracies are in "
-      "percentage points (pp). Each row trains with "
-      "`python train.py --config=<config> --workdir=<dir>`.",
+      "percentage points (pp). Wall times are summed over a run's invocations; \"load\" is "
+      "the host's 1-minute load average when the run ended (other work slows a run down). "
+      "Each row trains with `python train.py --config=<config> --workdir=<dir>`.",
   ]
   if skipped:
     lines += ["", "Workdirs skipped:"] + [f"- {reason}" for reason in skipped]
@@ -457,6 +472,7 @@ def build_report(runs: Sequence[Run], out_path: str, table_numbers: Sequence[int
             *project_section(project_runs)]
   if plot_curves(project_runs, os.path.join(figure_dir, CURVES_FIGURE)):
     lines += ["", f"![curves of the project runs](figures/{CURVES_FIGURE})"]
+  lines += list(project_extra)
   markdown = "\n".join(lines) + "\n"
   with open(out_path, "w") as handle:
     handle.write(markdown)

@@ -6,7 +6,8 @@ invocation, so a preempted and resumed run lists each part; ``aa_flax.report`` s
 ``<workdir>/run_info.json``::
 
   {"segments": [{"end_utc": "2026-11-29 01:02:03", "wall_time_s": 812.4, "step": 1400,
-                 "preempted": false, "environment": {...}}],
+                 "preempted": false, "load_average_end": [1.9, 2.0, 2.1],
+                 "environment": {...}}],
    "notes": ["CIFAR-10 (JPEG q75 copy), 10,000-image subset"]}
 """
 
@@ -91,6 +92,7 @@ def record_segment(workdir: str, wall_time_s: float, result: dict[str, Any],
       "wall_time_s": round(float(wall_time_s), 2),
       "step": int(result.get("step", -1)),
       "preempted": bool(result.get("preempted", False)),
+      "load_average_end": [round(v, 2) for v in os.getloadavg()],  # other work on the host
       "environment": environment(),
   })
   info["notes"] = list(dict.fromkeys([*info.get("notes", []), *notes]))
