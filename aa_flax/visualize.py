@@ -267,7 +267,8 @@ def attention_maps(loaded: LoadedModel, image: np.ndarray, queries: Sequence[Que
 
 def plot_attention(image: np.ndarray, maps: AttentionMaps, title: str = "",
                    panel_px: int = 160, dpi: int = 100):
-  """The figure: one row per query (input with the query marked, then one panel per head).
+  """The figure: one row per query (input with the query marked, then one panel per head,
+  each map's colours scaled to its own range).
 
   Its size is ``(1 + N_h) * panel_px`` by ``Q * panel_px + 40`` pixels. Returns a
   matplotlib ``Figure``.
@@ -302,7 +303,8 @@ def plot_attention(image: np.ndarray, maps: AttentionMaps, title: str = "",
         axis.set_title(f"head {head + 1}", fontsize=7)
       axis.axis("off")
   grid_h, grid_w = maps.grid
-  figure.suptitle(f"{title} | layer {maps.layer} ({grid_h}x{grid_w} attention grid)",
+  figure.suptitle(f"{title} | layer {maps.layer} ({grid_h}x{grid_w} attention grid; "
+                  "colours scaled per map)",
                   fontsize=8, y=1 - 0.35 * header_px / height_px)
   return figure
 
