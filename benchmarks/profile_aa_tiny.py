@@ -45,12 +45,18 @@ def build(model_name: str, dtype, batch: int, image_size: int):
   """The compiled train step and its arguments (state, images, labels)."""
   model = create_model(model_name, 10, dtype=dtype, width=16)
   tx = optax.sgd(0.1, momentum=0.9)
-  variables = model.init({"params": jax.random.key(0)},
-                         jnp.zeros((1, image_size, image_size, 3)), train=False)
-  state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-           "opt_state": tx.init(variables["params"])}
-  images = jax.random.normal(jax.random.key(1), (batch, image_size, image_size, 3), dtype)
-  labels = jnp.zeros((batch,), jnp.int32)
+
+  @jax.jit
+  def init(key):
+    init_key, image_key = jax.random.split(key)
+    variables = model.init({"params": init_key},
+                           jnp.zeros((1, image_size, image_size, 3)), train=False)
+    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
+             "opt_state": tx.init(variables["params"])}
+    images = jax.random.normal(image_key, (batch, image_size, image_size, 3), dtype)
+    return state, images, jnp.zeros((batch,), jnp.int32)
+
+  state, images, labels = init(jax.random.key(0))
   compiled = jax.jit(make_train_step(model, tx)).lower(state, images, labels).compile()
   return model, compiled, (state, images, labels)
 
