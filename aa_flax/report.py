@@ -32,10 +32,9 @@ from typing import Any, Optional, Sequence
 
 from aa_flax import config_utils, run_info, tables
 from aa_flax.errors import AAFlaxError, WorkdirError
+from aa_flax.metric_logging import METRICS_FILE
+from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
 
-CONFIG_FILE = "config.json"
-EVAL_RESULTS_FILE = "eval_results.json"
-METRICS_FILE = "metrics.jsonl"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Config keys that change neither what is trained nor how (logging, checkpoints, loaders).
 BOOKKEEPING_KEYS = frozenset({
@@ -135,8 +134,13 @@ def find_runs(spec: str) -> tuple[list[Run], list[str]]:
   """Runs of comma-separated workdirs or globs; also the paths skipped, with the reason."""
   runs, skipped = [], []
   for pattern in (p.strip() for p in spec.split(",") if p.strip()):
-    matches = sorted(glob.glob(os.path.expanduser(pattern))) or [pattern]
-    for workdir in matches:
+    if glob.has_magic(pattern):
+      workdirs = sorted(glob.glob(os.path.expanduser(pattern)))
+      if not workdirs:
+        skipped.append(f"{pattern}: matches nothing")
+    else:
+      workdirs = [os.path.expanduser(pattern)]
+    for workdir in workdirs:
       try:
         runs.append(load_run(workdir))
       except (AAFlaxError, OSError, ValueError) as error:
@@ -158,9 +162,10 @@ def row_config(row: tables.PaperRow):
                      "report from a checkout of the repository.")
 
 
-def _comparable(config: dict[str, Any], sections: Sequence[str]) -> dict[str, Any]:
+def _settings(config: dict[str, Any], sections: Sequence[str], inside: bool) -> dict[str, Any]:
+  """Flat config keys in (``inside``) or outside ``sections``, bookkeeping keys left out."""
   return {key: value for key, value in config_utils.flatten(config).items()
-          if key.split(".")[0] in sections and key not in BOOKKEEPING_KEYS}
+          if (key.split(".")[0] in sections) == inside and key not in BOOKKEEPING_KEYS}
 
 
 def _architecture(config: dict[str, Any]):
@@ -177,16 +182,13 @@ def run_matches_row(run: Run, row_cfg: dict[str, Any]) -> bool:
   """Same architecture (overrides equal to defaults count as defaults) and same data."""
   model = _architecture(run.config)
   return (model is not None and model == _architecture(row_cfg)
-          and _comparable(run.config, ["data"]) == _comparable(row_cfg, ["data"]))
+          and _settings(run.config, ["data"], True) == _settings(row_cfg, ["data"], True))
 
 
 def recipe_changes(run: Run, row_cfg: dict[str, Any]) -> list[str]:
   """``'key: <run value> (config: <row value>)'`` for every training setting that differs."""
-  ignored = ("model", "data")
-  ours = {k: v for k, v in config_utils.flatten(run.config).items()
-          if k.split(".")[0] not in ignored and k not in BOOKKEEPING_KEYS}
-  theirs = {k: v for k, v in config_utils.flatten(row_cfg).items()
-            if k.split(".")[0] not in ignored and k not in BOOKKEEPING_KEYS}
+  ours = _settings(run.config, ["model", "data"], False)
+  theirs = _settings(row_cfg, ["model", "data"], False)
   return [f"{key}: {ours.get(key, '—')} (config: {theirs.get(key, '—')})"
           for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
 
@@ -408,8 +410,8 @@ def plot_curves(runs: Sequence[Run], path: str) -> bool:
   for index, group in enumerate(groups):
     for number, run in enumerate(group):
       scale = run.epochs / run.step if in_epochs and run.step else 1.0
-      style = dict(color=colours[index % len(colours)], linestyle=("-", "--", ":", "-.")[number % 4],
-                   linewidth=1.2)
+      style = dict(color=colours[index % len(colours)], linewidth=1.2,
+                   linestyle=("-", "--", ":", "-.")[number % 4])
       label = f"{run.config['model']['name']} seed {run.config.get('seed', '?')}"
       train = [r for r in run.records if r.get("split") == "train" and "loss" in r]
       evals = [r for r in run.records if r.get("split") == "eval" and "top1" in r]

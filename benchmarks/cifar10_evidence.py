@@ -28,10 +28,12 @@ import numpy as np
 
 from aa_flax import report, run_info
 from aa_flax.config_utils import load_config
+from aa_flax.metric_logging import METRICS_FILE
+from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO_ROOT, "configs", "cifar10_evidence.py")
-RECORD_FILES = ("config.json", "eval_results.json", "metrics.jsonl", "run_info.json")
+RECORD_FILES = (CONFIG_FILE, EVAL_RESULTS_FILE, METRICS_FILE, run_info.RUN_INFO_FILE)
 TRAIN_FILES = ("cifar10_train_part0.npz", "cifar10_train_part1.npz")
 TEST_FILE = "cifar10_test.npz"
 GROUP = "cifar10_evidence"
@@ -86,7 +88,7 @@ def run_config(model: str, seed: int, train_file: str, test_file: str, epochs: f
 def train(config, workdir: str, notes: Sequence[str]) -> dict:
   """Trains (or resumes) one run and appends its wall time to ``run_info.json``."""
   import aa_flax
-  results_path = os.path.join(workdir, report.EVAL_RESULTS_FILE)
+  results_path = os.path.join(workdir, EVAL_RESULTS_FILE)
   if os.path.exists(results_path):
     print(f"{workdir}: finished earlier, not trained again", flush=True)
     with open(results_path) as handle:

@@ -1,4 +1,4 @@
-"""benchmarks.profile_aa_tiny runs and attributes op time to the right layers (no timing asserts)."""
+"""benchmarks.profile_aa_tiny runs and attributes op time to the right layers (no timing)."""
 
 import json
 
