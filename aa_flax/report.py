@@ -308,6 +308,7 @@ def plot_paper_vs_ours(matched: Sequence[_Matched], path: str) -> bool:
            ylabel="ours top-1 (%)", title="Paper vs ours, top-1")
   axis.legend(loc="upper left", fontsize=8)
   figure.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   figure.savefig(path)
   plt.close(figure)
   return True
@@ -426,6 +427,7 @@ def plot_curves(runs: Sequence[Run], path: str) -> bool:
   for axis in (loss_axis, top1_axis):
     axis.grid(alpha=0.3)
   figure.tight_layout()
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   figure.savefig(path)
   plt.close(figure)
   return True
@@ -442,9 +444,7 @@ def build_report(runs: Sequence[Run], out_path: str, table_numbers: Sequence[int
   ``project_extra``: markdown lines appended to part 2 (e.g. a figure made by the caller).
   Returns the markdown.
   """
-  out_dir = os.path.dirname(os.path.abspath(out_path))
-  figure_dir = os.path.join(out_dir, "figures")
-  os.makedirs(figure_dir, exist_ok=True)
+  figure_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "figures")
   paper_lines, matched = paper_section(runs, table_numbers, with_flops)
   paper_run_ids = {id(m.run) for m in matched}
   project_runs = [run for run in runs if id(run) not in paper_run_ids]
