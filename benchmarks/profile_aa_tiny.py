@@ -6,7 +6,9 @@ For each dtype, both models (32x32 images, width 16, 10 classes) and the same se
 SGD step as ``bench_train``:
 
 * XLA's cost analysis of the compiled step: GFLOPs and GB accessed (independent of load);
-* the attention tensors ``[B, N_h, HW, HW]`` of every AAConv and their size;
+* the attention tensors ``[B, N_h, HW, HW]`` of every AAConv and their size, and how many
+  arrays of the largest one's shape the compiled step materialises (each is written to memory
+  and read back: the passes that make attention memory-bound on CPU);
 * per-op times from a ``jax.profiler`` trace of 3 steps, summed by what each XLA op computes
   (each AAConv's attention core, the rest of its attention branch, everything else), as
   shares of all op time (shares move little with load; absolute times do);
@@ -21,6 +23,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import statistics
@@ -37,8 +40,9 @@ from benchmarks import common
 from benchmarks.bench_train import make_train_step
 
 MODELS = ("resnet_tiny", "aa_resnet_tiny")
-COLUMNS = ("dtype", "model", "gflops", "gb_accessed", "attention_mib", "median_ms", "min_ms",
-           "ratio_median", "ratio_min", "attention_core_share", "attention_branch_share")
+COLUMNS = ("dtype", "model", "gflops", "gb_accessed", "attention_mib", "full_size_arrays",
+           "median_ms", "min_ms", "ratio_median", "ratio_min", "attention_core_share",
+           "attention_branch_share")
 
 
 def build(model_name: str, dtype, batch: int, image_size: int):
@@ -71,6 +75,14 @@ def attention_tensors(model, args) -> dict[str, tuple[tuple[int, ...], float]]:
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
   return {"/".join(k.key for k in path[1:-1]): (leaf.shape, 4 * leaf.size / common.MIB)
           for path, leaf in flat if path[-2].key == "attention_weights"}
+
+
+def materialised_arrays(compiled, shape: tuple[int, ...]) -> int:
+  """How many arrays of ``shape`` the compiled program's entry computation produces."""
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY"):]
+  pattern = re.compile(r" = \w+\[" + ",".join(map(str, shape)) + r"\]")
+  return sum(1 for line in entry[:entry.index("\n}")].splitlines() if pattern.search(line))
 
 
 def _op_categories(hlo_text: str) -> dict[str, str]:
@@ -167,10 +179,12 @@ def main(argv=None):
       shares[f"{dtype_name} {name}"] = op_time_shares(compiled, step_args)
       core = sum(v for k, v in shares[f"{dtype_name} {name}"].items() if "core" in k)
       branch = sum(v for k, v in shares[f"{dtype_name} {name}"].items() if "branch" in k)
+      largest = max((shape for shape, _ in tensors.values()), default=None, key=math.prod)
       rows.append({
           "dtype": dtype_name, "model": name, "gflops": cost["flops"] / 1e9,
           "gb_accessed": cost["bytes accessed"] / 1e9,
           "attention_mib": sum(mib for _, mib in tensors.values()),
+          "full_size_arrays": materialised_arrays(compiled, largest) if largest else 0,
           "median_ms": 1e3 * statistics.median(times[name]), "min_ms": 1e3 * min(times[name]),
           "ratio_median": statistics.median(times[name]) / statistics.median(base),
           "ratio_min": min(times[name]) / min(base),

@@ -24,6 +24,7 @@ def test_profile_rows_tensors_and_op_shares(tmp_path):
   # Attention over 4x4 (stage 2) and 2x2 (stage 3): [8, 4, 16, 16] + [8, 4, 4, 4] float32.
   assert augmented["attention_mib"] == pytest.approx(4 * 8 * 4 * (16 ** 2 + 4 ** 2) / 2 ** 20)
   assert plain["attention_mib"] == 0 and plain["ratio_median"] == 1.0
+  assert augmented["full_size_arrays"] >= 1 and plain["full_size_arrays"] == 0
   assert augmented["gflops"] > plain["gflops"] and augmented["gb_accessed"] > 0
   if shares["float32 aa_resnet_tiny"]:  # the CPU trace has per-op events
     assert set(shares["float32 aa_resnet_tiny"]) == {
