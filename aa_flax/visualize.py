@@ -364,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   except ValueError as error:
     parser.error(str(error))
   print(f"Wrote {args.out}: layer {maps.layer}, {maps.maps.shape[1]} heads over a "
-        f"{maps.grid[0]}x{maps.grid[1]} grid, {len(queries)} queries ({loaded.description}).")
+        f"{maps.grid[0]}x{maps.grid[1]} grid, query pixels {queries} ({loaded.description}).")
 
 
 if __name__ == "__main__":
