@@ -168,13 +168,18 @@ def _settings(config: dict[str, Any], sections: Sequence[str], inside: bool) -> 
           if (key.split(".")[0] in sections) == inside and key not in BOOKKEEPING_KEYS}
 
 
+def _model_settings(config: dict[str, Any]) -> dict[str, Any]:
+  """The ``create_model`` keyword arguments a stored config sets (``None`` keys left out)."""
+  import ml_collections
+  return config_utils.model_overrides(ml_collections.ConfigDict(config["model"]))
+
+
 def _architecture(config: dict[str, Any]):
   """The registry model a config trains (classes and dtype aside), or ``None``."""
   from aa_flax.models import create_model
-  model = config.get("model", {})
   try:
-    return create_model(model.get("name", ""), 1, **dict(model.get("overrides") or {}))
-  except (ValueError, TypeError):
+    return create_model(config["model"]["name"], 1, **_model_settings(config))
+  except (KeyError, ValueError, TypeError):
     return None
 
 
@@ -353,8 +358,8 @@ def _recipe_summary(config: dict[str, Any]) -> str:
   optimizer = config["optimizer"]
   length = (f"{config['num_train_steps']} steps" if config.get("num_train_steps", -1) > 0
             else f"{config['num_epochs']:g} epoch(s)")
-  overrides = config["model"].get("overrides") or {}
-  model = config["model"]["name"] + (f" {overrides}" if overrides else "")
+  settings = _model_settings(config)
+  model = config["model"]["name"] + (f" {settings}" if settings else "")
   return (f"model {model}; {length}, batch {config['batch_size']}, "
           f"{optimizer['name']} (base LR {optimizer['base_learning_rate']:g} per 256, "
           f"{optimizer['schedule']}, warm-up {optimizer['warmup_epochs']:g} epochs, weight "

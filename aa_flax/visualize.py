@@ -110,7 +110,7 @@ def load_trained(workdir: Optional[str] = None, checkpoint: Optional[str] = None
   import ml_collections
 
   from aa_flax.checkpoint import read_state_arrays
-  from aa_flax.models import create_model
+  from aa_flax.trainer import build_model
   if (workdir is None) == (checkpoint is None):
     raise ValueError("pass exactly one of workdir or checkpoint")
   step_dir = checkpoint or _newest_step_dir(workdir)
@@ -126,8 +126,7 @@ def load_trained(workdir: Optional[str] = None, checkpoint: Optional[str] = None
            if path[-2:] == ("head", "kernel")]
   if len(heads) != 1:
     raise ValueError(f"{step_dir}: expected one classifier 'head/kernel' among the params")
-  model = create_model(config.model.name, int(heads[0].shape[-1]),
-                       **config.model.overrides.to_dict())
+  model = build_model(config, int(heads[0].shape[-1]), jnp.float32)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   size, channels, mean, std = _input_spec(config.data, config.seed)
   return LoadedModel(model, variables, size, channels, mean, std,

@@ -25,7 +25,7 @@ def get_config(arg: str = "aa_resnet_tiny"):
     raise ValueError(f"configs/cifar10_evidence.py arg {arg!r}: valid: {', '.join(MODELS)}.")
   config = base_config()
   config.model.name = arg
-  config.model.overrides.width = 16
+  config.model.width = 16
   config.data.name = "npz"
   config.data.augment = "cifar"
   config.data.num_threads = 2

@@ -3,10 +3,13 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from aa_flax import trainer
+from aa_flax.config_utils import base_config, flatten, load_config
 from benchmarks import cifar10_evidence
 from test_train_support import SHARED_DATA
 
@@ -17,6 +20,18 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def test_evidence_configs_differ_only_in_the_model():
+  plain, augmented = (load_config(f"{cifar10_evidence.CONFIG}:{m}")
+                      for m in ("resnet_tiny", "aa_resnet_tiny"))
+  assert set(flatten(plain)) == set(flatten(base_config()))  # every key, as in every config
+  differences = {k for k, v in flatten(plain).items() if flatten(augmented)[k] != v}
+  assert differences == {"model.name"}
+  for config in (plain, augmented):
+    trainer.build_model(config, 10, jnp.float32)
+  with pytest.raises(ValueError, match="valid: resnet_tiny, aa_resnet_tiny"):
+    load_config(f"{cifar10_evidence.CONFIG}:resnet50")
 
 
 def test_balanced_subset_takes_the_first_of_each_class():
