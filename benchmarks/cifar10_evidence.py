@@ -7,11 +7,15 @@ metrics, run info; no checkpoints) to ``<docs>/runs/cifar10_evidence/`` and rege
 ``<docs>/REPRODUCTION.md`` with its figures from every committed run record, plus an attention
 map of the first augmented run.
 
-  python -m benchmarks.cifar10_evidence --data-dir=../shared/data --out=runs/cifar10_evidence
+  python -m benchmarks.cifar10_evidence --data-dir=<dir> --out=runs/cifar10_evidence
 
-The defaults (16,000 training images, 5 epochs, seeds 0 and 1) take about an hour on a
-2-core CPU; a finished run is not trained again, so rerunning only rebuilds the report.
-Runs alternate plain / augmented so that load on a shared machine hits both alike.
+``<dir>`` holds ``cifar10_train_part0.npz``, ``cifar10_train_part1.npz`` (the 50,000
+training images between them) and ``cifar10_test.npz`` (10,000), each with ``images`` (uint8
+``[N, 32, 32, 3]``) and ``labels``; ``--data-note`` says what the data is in the report. The
+defaults (16,000 training images, 5 epochs, seeds 0 and 1) are sized for about an hour on a
+2-core CPU (estimated from the two models' training speed); a finished run is not trained
+again, so rerunning only rebuilds the report. Runs alternate plain / augmented so that load on
+a busy machine hits both alike.
 """
 
 from __future__ import annotations
@@ -109,8 +113,10 @@ def copy_records(workdir: str, target: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data-dir", default=os.path.join(REPO_ROOT, "..", "shared", "data"),
+  parser.add_argument("--data-dir", required=True,
                       help="directory with cifar10_train_part{0,1}.npz and cifar10_test.npz")
+  parser.add_argument("--data-note", default="CIFAR-10 (JPEG q75 copy, not bit-exact CIFAR-10)",
+                      help="what the data is, printed with the results")
   parser.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", GROUP),
                       help="workdirs and the subset files go here")
   parser.add_argument("--docs", default=os.path.join(REPO_ROOT, "docs"),
@@ -135,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                         args.train_examples, args.test_examples)
   steps_per_epoch = max(1, args.train_examples // args.batch_size)
   test_count = args.test_examples or 10_000
-  notes = [f"CIFAR-10 (JPEG q75 copy, not bit-exact CIFAR-10): training subset of "
+  notes = [f"{args.data_note}: training subset of "
            f"{args.train_examples:,} images ({args.train_examples // 10:,} per class, the first "
            f"of each class in {' + '.join(TRAIN_FILES)}); test: {test_count:,} images of "
            f"{TEST_FILE}; evaluated on them every {steps_per_epoch} steps (about an epoch)."]

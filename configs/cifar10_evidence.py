@@ -4,10 +4,10 @@ augmentation, under one recipe and budget. The project's own real-data check, no
 Arg: ``resnet_tiny`` (3 basic-block stages, width 16, CIFAR stem) or ``aa_resnet_tiny`` (the
 same with AAConv, 4 heads and relative position logits, in the 16x16 and 8x8 stages).
 
-Data: npz files (``images`` uint8 NHWC, ``labels``), e.g. the CIFAR-10 JPEG copy:
+Data: npz files (``images`` uint8 NHWC, ``labels``) of CIFAR-10:
   python train.py --config=configs/cifar10_evidence.py:aa_resnet_tiny --workdir=/tmp/c10_aa \\
-    --config.data.train_files='../shared/data/cifar10_train_part*.npz' \\
-    --config.data.eval_files=../shared/data/cifar10_test.npz
+    --config.data.train_files='<dir>/cifar10_train_part*.npz' \\
+    --config.data.eval_files=<dir>/cifar10_test.npz
 Every run of the comparison, the report and its figures: ``python -m
 benchmarks.cifar10_evidence`` (it sets the subset, epochs and seeds; see its docstring).
 
