@@ -7,6 +7,7 @@ checkpoints. Under ``jax.jit`` BatchNorm statistics are over the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from absl import logging
 
 from aa_flax import config_utils, optim, parallel
 from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
+from aa_flax.preemption import PreemptionWatcher
 
 EVAL_RESULTS_FILE = "eval_results.json"
 CONFIG_FILE = "config.json"
@@ -148,28 +150,71 @@ def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh) -> dict[str
 
 
 class _MetricWindow:
-  """Host-side sums of per-step train metrics between two log lines (checkpointed)."""
+  """Train metrics between two log lines, and the non-finite policy (checkpointed).
+
+  ``add`` queues a step's device metrics; ``flush`` fetches them. A step whose ``finite``
+  metric is 0 is counted in ``skipped`` and left out of the means under ``on_nonfinite=
+  'skip'``; under ``'stop'`` ``flush`` returns it (the first one) and keeps nothing after it.
+  """
 
   KEYS = ("loss", "accuracy", "grad_norm")
 
-  def __init__(self, saved: dict[str, float] | None = None):
+  def __init__(self, on_nonfinite: str, saved: dict[str, float] | None = None,
+               skipped: int = 0):
     saved = saved or {}
+    self.on_nonfinite = on_nonfinite
+    self.skipped = skipped
     self.sums = {key: float(saved.get(key, 0.0)) for key in self.KEYS}
     self.count = int(saved.get("count", 0))
     self.learning_rate = float(saved.get("learning_rate", 0.0))
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
 
-  def add(self, metrics: dict[str, float]) -> None:
-    for key in self.KEYS:
-      self.sums[key] += float(metrics[key])
-    self.learning_rate = float(metrics["learning_rate"])
-    self.count += 1
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
+
+  def flush(self) -> tuple[int, dict[str, float]] | None:
+    """Folds the queued steps into the sums; returns ``(step, metrics)`` of a non-finite
+    step that must stop the run, else ``None``."""
+    pending, self._pending = self._pending, []
+    for step, metrics in jax.device_get(pending):
+      if metrics["finite"] < 1:
+        if self.on_nonfinite == "stop":
+          return step, metrics
+        self.skipped += 1
+        logging.warning("Skipped the update of step %d: non-finite loss or gradients.", step)
+        continue
+      for key in self.KEYS:
+        self.sums[key] += float(metrics[key])
+      self.learning_rate = float(metrics["learning_rate"])
+      self.count += 1
+    return None
 
   def means(self) -> dict[str, float]:
     return {**{key: value / max(self.count, 1) for key, value in self.sums.items()},
             "learning_rate": self.learning_rate}
 
+  def next_window(self) -> "_MetricWindow":
+    """An empty window that carries on the skip count (call after ``flush``)."""
+    return _MetricWindow(self.on_nonfinite, skipped=self.skipped)
+
   def state(self) -> dict[str, float]:
     return {**self.sums, "count": self.count, "learning_rate": self.learning_rate}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the training loop reads and never rebinds."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  total_steps: int
+  train_step: Callable
+  eval_step: Callable
+  pipeline: Any
+  mesh: Any
+  checkpointer: Any
+  logger: Any
+  config_dict: dict[str, Any]
+  is_main: bool
 
 
 def _num_train_steps(config, steps_per_epoch: float) -> int:
@@ -244,7 +289,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from aa_flax.checkpoint import Checkpointer, check_resume_config, check_workdir
   from aa_flax.data import InputPipeline, load_splits
   from aa_flax.metric_logging import MetricLogger
-  from aa_flax.preemption import PreemptionWatcher
 
   config_utils.validate_config(config)
   mesh = parallel.create_mesh()
@@ -319,9 +363,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # A run resumed at the last step redoes its final eval, so that eval's record goes too.
     logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)
     try:
-      return _train_loop(config, workdir, state, extra, start_step, total_steps, train_step,
-                         eval_step, pipeline, mesh, checkpointer, logger, config_dict, is_main,
-                         PreemptionWatcher)
+      run = _Run(config=config, workdir=workdir, total_steps=total_steps,
+                 train_step=train_step, eval_step=eval_step, pipeline=pipeline, mesh=mesh,
+                 checkpointer=checkpointer, logger=logger, config_dict=config_dict,
+                 is_main=is_main)
+      return _train_loop(run, state, start_step, extra)
     finally:
       logger.close()
   finally:
@@ -344,95 +390,96 @@ def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pip
   return {**results, "preempted": False}
 
 
-def _train_loop(config, workdir, state, extra, start_step, total_steps, train_step, eval_step,
-                pipeline, mesh, checkpointer, logger, config_dict, is_main,
-                watcher_cls) -> dict[str, Any]:
-  iterator = pipeline.train_iterator(extra.get("data_iterator"))
-  window = _MetricWindow(extra.get("metric_window"))
-  skipped = int(extra.get("skipped_steps", 0))
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
-  last_saved = checkpointer.latest_step()
+def _train_loop(run: _Run, state: TrainState, start_step: int,
+                extra: dict[str, Any]) -> dict[str, Any]:
+  """Steps from ``start_step`` to ``run.total_steps``: logs, evals, checkpoints, and stops
+  after a checkpoint on SIGTERM (``preempted: True``)."""
+  config = run.config
+  iterator = run.pipeline.train_iterator(extra.get("data_iterator"))
+  window = _MetricWindow(config.on_nonfinite, extra.get("metric_window"),
+                         int(extra.get("skipped_steps", 0)))
+  last_saved = run.checkpointer.latest_step()
   step = start_step
   timer = (time.perf_counter(), step)
-
-  def flush() -> None:
-    """Fetches pending step metrics; stops (or counts skips) on non-finite steps."""
-    nonlocal skipped
-    for done, metrics in jax.device_get(pending):
-      if metrics["finite"] < 1:
-        if config.on_nonfinite == "stop":
-          checkpointer.wait()
-          last = checkpointer.latest_step()
-          where = checkpointer.step_path(last) if last is not None else "none"
-          raise NonFiniteError(
-              f"Non-finite loss or gradients at step {done} (loss={metrics['loss']}, "
-              f"grad_norm={metrics['grad_norm']}). Last good checkpoint: {where}; nothing "
-              "after it was saved. Lower the learning rate, or set "
-              "config.on_nonfinite='skip' to drop such steps.")
-        skipped += 1
-        logging.warning("Skipped the update of step %d: non-finite loss or gradients.", done)
-        continue
-      window.add(metrics)
-    pending.clear()
-
-  def save(done: int) -> None:
-    nonlocal last_saved
-    flush()
-    checkpointer.save(done, state, {"data_iterator": iterator.get_state(),
-                                    "metric_window": window.state(),
-                                    "skipped_steps": skipped}, config_dict)
-    last_saved = done
-
-  def run_eval(done: int) -> dict[str, Any]:
-    results = {"step": done, **evaluate(eval_step, state, pipeline, mesh)}
-    logger.write(done, "eval", {k: v for k, v in results.items() if k != "step"})
-    logging.info("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", done,
-                 results["top1"], results["top5"], results["loss"], results["num_examples"])
-    return results
-
-  watcher = watcher_cls()
-  try:
-    while step < total_steps:
-      batch = parallel.global_batch(next(iterator), mesh)
-      state, metrics = train_step(state, batch)
+  with PreemptionWatcher() as watcher:
+    while step < run.total_steps:
+      batch = parallel.global_batch(next(iterator), run.mesh)
+      state, metrics = run.train_step(state, batch)
       step += 1
-      pending.append((step, metrics))
+      window.add(step, metrics)
       if step == start_step + 1:  # keep compilation out of img/s and the ETA
         jax.block_until_ready(metrics)
         timer = (time.perf_counter(), step)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        flush()
-        means = window.means()
-        elapsed, steps_done = time.perf_counter() - timer[0], step - timer[1]
-        images_per_s = steps_done * config.batch_size / max(elapsed, 1e-9)
-        eta_s = (total_steps - step) * elapsed / max(steps_done, 1)
-        logger.write(step, "train", {**means, "skipped_steps": skipped})
-        logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s ETA %s", step,
-                     total_steps, means["loss"], means["accuracy"], means["learning_rate"],
-                     images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
-        window = _MetricWindow()
+      if step % config.log_every_steps == 0 or step == run.total_steps:
+        _flush(run, window)
+        _log_train(run, step, window, timer)
+        window = window.next_window()
         timer = (time.perf_counter(), step)
       # Eval before save: a run killed in between redoes both after resuming.
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-        run_eval(step)
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        save(step)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and \
+          step < run.total_steps:
+        _evaluate_and_log(run, step, state)
+      if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
+        last_saved = _save(run, step, state, iterator, window)
       # Several processes must agree on the stop step: a host all-gather, done at log steps
       # (already a sync point); a single process checks its flag after every step.
       check_stop = jax.process_count() == 1 or step % config.log_every_steps == 0
-      if step < total_steps and check_stop and watcher.should_stop():
+      if step < run.total_steps and check_stop and watcher.should_stop():
         if last_saved != step:
-          save(step)
-        checkpointer.wait()
+          _save(run, step, state, iterator, window)
+        run.checkpointer.wait()
         logging.warning("Preempted: checkpoint of step %d is on disk; rerun to resume.", step)
         return {"step": step, "preempted": True}
-    flush()
-    if last_saved != step:
-      save(step)
-    results = run_eval(step)
-    checkpointer.wait()
-    if is_main:
-      _write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
-    return {**results, "preempted": False}
-  finally:
-    watcher.close()
+  _flush(run, window)
+  if last_saved != step:
+    _save(run, step, state, iterator, window)
+  results = _evaluate_and_log(run, step, state)
+  run.checkpointer.wait()
+  if run.is_main:
+    _write_json(os.path.join(run.workdir, EVAL_RESULTS_FILE), results)
+  return {**results, "preempted": False}
+
+
+def _flush(run: _Run, window: _MetricWindow) -> None:
+  """Fetches the window's queued metrics; raises ``NonFiniteError`` under the stop policy."""
+  bad = window.flush()
+  if bad is None:
+    return
+  step, metrics = bad
+  run.checkpointer.wait()
+  last = run.checkpointer.latest_step()
+  where = run.checkpointer.step_path(last) if last is not None else "none"
+  raise NonFiniteError(
+      f"Non-finite loss or gradients at step {step} (loss={metrics['loss']}, "
+      f"grad_norm={metrics['grad_norm']}). Last good checkpoint: {where}; nothing "
+      "after it was saved. Lower the learning rate, or set "
+      "config.on_nonfinite='skip' to drop such steps.")
+
+
+def _log_train(run: _Run, step: int, window: _MetricWindow, timer: tuple[float, int]) -> None:
+  """Writes the window's means and prints them with img/s and the ETA since ``timer``."""
+  means = window.means()
+  elapsed, steps_done = time.perf_counter() - timer[0], step - timer[1]
+  images_per_s = steps_done * run.config.batch_size / max(elapsed, 1e-9)
+  eta_s = (run.total_steps - step) * elapsed / max(steps_done, 1)
+  run.logger.write(step, "train", {**means, "skipped_steps": window.skipped})
+  logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s ETA %s", step,
+               run.total_steps, means["loss"], means["accuracy"], means["learning_rate"],
+               images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+
+
+def _save(run: _Run, step: int, state: TrainState, iterator, window: _MetricWindow) -> int:
+  """Checks the queued steps, then starts saving ``step``; returns ``step``."""
+  _flush(run, window)
+  run.checkpointer.save(step, state, {"data_iterator": iterator.get_state(),
+                                      "metric_window": window.state(),
+                                      "skipped_steps": window.skipped}, run.config_dict)
+  return step
+
+
+def _evaluate_and_log(run: _Run, step: int, state: TrainState) -> dict[str, Any]:
+  results = {"step": step, **evaluate(run.eval_step, state, run.pipeline, run.mesh)}
+  run.logger.write(step, "eval", {k: v for k, v in results.items() if k != "step"})
+  logging.info("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", step,
+               results["top1"], results["top5"], results["loss"], results["num_examples"])
+  return results
