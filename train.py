@@ -67,8 +67,12 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def _quiet_orbax(record) -> bool:
-  """Keeps orbax's per-save INFO chatter out of the console (warnings still show)."""
-  return "orbax" not in record.pathname or record.levelno >= logging.converter.STANDARD_WARNING
+  """Keeps orbax's per-save INFO chatter and its tracebacks out of the console (warnings and
+  errors still show as one line each; a failed save ends the run with its own error)."""
+  if "orbax" not in record.pathname:
+    return True
+  record.exc_info, record.exc_text = None, None
+  return record.levelno >= logging.converter.STANDARD_WARNING
 
 
 def _summary(config, workdir: str) -> str:
@@ -97,8 +101,10 @@ def main(argv):
   try:
     result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except AAFlaxError as error:
-    print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-    sys.exit(1)
+    print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    # Skip interpreter teardown: after a failed save it only adds tracebacks of background
+    # writes that orbax abandoned, printed after this error line.
+    os._exit(1)
   run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:
     sys.exit(EXIT_PREEMPTED)

@@ -7,12 +7,12 @@ checkpoints. Under ``jax.jit`` BatchNorm statistics are over the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import errno
 import math
-import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import flax.linen as nn
@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from aa_flax import config_utils, optim, parallel
+from aa_flax import config_utils, optim, parallel, storage
 from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
 from aa_flax.preemption import PreemptionWatcher
 
@@ -70,8 +70,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     seed: int, skip_nonfinite: bool) -> Callable:
   """``(state, batch) -> (state, metrics)`` for a batch ``{'image': uint8 [B,H,W,C],
   'label': int32 [B]}``. Metrics (f32 scalars): loss, accuracy, learning_rate, grad_norm,
-  finite (1 if loss and gradients are finite). With ``skip_nonfinite`` a non-finite step
-  leaves params, BN statistics and optimizer state unchanged (the step counter advances)."""
+  finite (1 if the loss, the gradients and everything a checkpoint saves after the update
+  -- params, BN statistics, optimizer state -- are finite) and finite_update (1 if that
+  updated state is). With ``skip_nonfinite`` a non-finite step leaves params, BN statistics
+  and optimizer state unchanged (the step counter advances)."""
   dropout_root = jax.random.key(seed + 1)
 
   def train_step(state: TrainState, batch):
@@ -90,9 +92,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    finite_update = _all_finite((new_state.params, new_state.batch_stats, new_state.opt_state))
+    finite = jnp.isfinite(loss) & _all_finite(grads) & finite_update
     if skip_nonfinite:
       kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                           (new_state.params, new_state.batch_stats, new_state.opt_state),
@@ -104,6 +108,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
         "grad_norm": _global_norm(grads),
         "finite": finite.astype(jnp.float32),
+        "finite_update": finite_update.astype(jnp.float32),
     }
     return new_state, metrics
 
@@ -134,13 +139,17 @@ def make_eval_step(model: nn.Module, *, mean, std, dtype) -> Callable:
   return eval_step
 
 
-def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh) -> dict[str, float]:
+def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh,
+             should_stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
   """One pass over the eval split, each example exactly once (padding masked, all hosts).
 
-  Returns ``top1``, ``top5`` (fractions), ``loss`` (mean) and ``num_examples``.
+  Returns ``top1``, ``top5`` (fractions), ``loss`` (mean) and ``num_examples``, or ``None``
+  if ``should_stop()`` (asked before every batch, on every process) turned true.
   """
   totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
   for local_batch in pipeline.eval_batches():
+    if should_stop():
+      return None
     sums = jax.device_get(eval_step(state, parallel.global_batch(local_batch, mesh)))
     for key in totals:
       totals[key] += float(sums[key])
@@ -164,9 +173,9 @@ class _MetricWindow:
     saved = saved or {}
     self.on_nonfinite = on_nonfinite
     self.skipped = skipped
-    self.sums = {key: float(saved.get(key, 0.0)) for key in self.KEYS}
+    self.sums = {key: float(saved.get(key) or 0.0) for key in self.KEYS}
     self.count = int(saved.get("count", 0))
-    self.learning_rate = float(saved.get("learning_rate", 0.0))
+    self.learning_rate = float(saved.get("learning_rate") or 0.0)
     self._pending: list[tuple[int, dict[str, jax.Array]]] = []
 
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
@@ -181,16 +190,18 @@ class _MetricWindow:
         if self.on_nonfinite == "stop":
           return step, metrics
         self.skipped += 1
-        logging.warning("Skipped the update of step %d: non-finite loss or gradients.", step)
-        continue
-      for key in self.KEYS:
-        self.sums[key] += float(metrics[key])
+        logging.warning("Skipped the update of step %d: %s.", step, _nonfinite_cause(metrics))
+      else:
+        for key in self.KEYS:
+          self.sums[key] += float(metrics[key])
+        self.count += 1
       self.learning_rate = float(metrics["learning_rate"])
-      self.count += 1
     return None
 
-  def means(self) -> dict[str, float]:
-    return {**{key: value / max(self.count, 1) for key, value in self.sums.items()},
+  def means(self) -> dict[str, float | None]:
+    """Means over the kept steps (``None`` when every step was skipped), the last LR."""
+    return {**{key: value / self.count if self.count else None
+               for key, value in self.sums.items()},
             "learning_rate": self.learning_rate}
 
   def next_window(self) -> "_MetricWindow":
@@ -201,11 +212,20 @@ class _MetricWindow:
     return {**self.sums, "count": self.count, "learning_rate": self.learning_rate}
 
 
+def _nonfinite_cause(metrics: dict[str, float]) -> str:
+  if metrics["finite_update"] < 1 and math.isfinite(metrics["loss"]) and \
+      math.isfinite(metrics["grad_norm"]):
+    return ("the loss and gradients were finite but the updated parameters, BatchNorm "
+            "statistics or optimizer state were not")
+  return f"non-finite loss or gradients (loss={metrics['loss']}, " \
+         f"grad_norm={metrics['grad_norm']})"
+
+
 @dataclasses.dataclass(frozen=True)
 class _Run:
   """What the training loop reads and never rebinds."""
   config: ml_collections.ConfigDict
-  workdir: str
+  workdir: Any  # epath.Path
   total_steps: int
   train_step: Callable
   eval_step: Callable
@@ -214,6 +234,7 @@ class _Run:
   checkpointer: Any
   logger: Any
   config_dict: dict[str, Any]
+  provenance: dict[str, Any]  # saved with every checkpoint: device count, data fingerprint
   is_main: bool
 
 
@@ -258,12 +279,21 @@ def _state_bytes(abstract_state) -> int:
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-  temporary = f"{path}.tmp"
-  with open(temporary, "w") as handle:
-    json.dump(payload, handle, indent=2, sort_keys=True)
-    handle.write("\n")
-  os.replace(temporary, path)
+def _check_batch_fits(config, splits) -> None:
+  if config.batch_size > len(splits.train):
+    raise ConfigError(f"config.batch_size={config.batch_size} is larger than the training set "
+                      f"({len(splits.train)} examples); use at most {len(splits.train)}.")
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_workdir_error(workdir) -> Iterator[None]:
+  try:
+    yield
+  except OSError as error:
+    if error.errno != errno.ENOSPC:
+      raise
+    raise WorkdirError(f"No space left on the device of {workdir} ({error}). Free space and "
+                       "rerun to resume from the last complete checkpoint.") from error
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -272,8 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: a config built on ``aa_flax.config_utils.base_config()`` (see ``configs/``).
-    workdir: checkpoints, ``metrics.jsonl``, ``eval_results.json``, ``config.json`` and
-      TensorBoard events go here.
+    workdir: a local path or a cloud URL (``gs://bucket/run``; see ``aa_flax.storage``).
+      Checkpoints, ``metrics.jsonl``, ``eval_results.json``, ``config.json`` and TensorBoard
+      events go here; ``run.lock`` keeps a second run out while this one runs.
     model: optional flax module to train instead of ``config.model`` (same call convention
       as the registry's models); ``config.model`` is then only recorded.
 
@@ -286,15 +317,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ConfigError, DataError, DatasetNotFoundError, ConfigMismatchError, WorkdirError,
     NonFiniteError (see ``aa_flax.errors``).
   """
-  from aa_flax.checkpoint import Checkpointer, check_resume_config, check_workdir
+  from aa_flax.checkpoint import Checkpointer
   from aa_flax.data import InputPipeline, load_splits
   from aa_flax.metric_logging import MetricLogger
+  from aa_flax.workdir_lock import workdir_lock
 
   config_utils.validate_config(config)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
   splits = load_splits(config.data, seed=config.seed)  # fails before anything is written
+  _check_batch_fits(config, splits)
   image_size = _image_size(config, splits)
   pipeline = InputPipeline(
       splits, global_batch_size=config.batch_size, eval_global_batch_size=config.eval_batch_size,
@@ -329,49 +362,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       abstract_state, state_sharding)
 
   is_main = jax.process_index() == 0
-  state_bytes = _state_bytes(abstract_state)
-  check_workdir(workdir, state_bytes * (config.keep_checkpoints + 1))
-  checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
-                              async_save=config.async_checkpointing)
-  config_dict = config_utils.config_to_dict(config)
+  workdir = storage.path(workdir)
+  storage.check_workdir(workdir, _state_bytes(abstract_state) * (config.keep_checkpoints + 1))
   norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
   eval_step = jax.jit(make_eval_step(model, **norm),
                       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                       out_shardings=parallel.replicated(mesh))
-  try:
-    if config.eval_only:
-      return _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline,
-                            mesh, is_main)
-    restored = checkpointer.restore_latest(
-        abstract_state, check_config=lambda saved: check_resume_config(
-            saved, config, config.allow_config_mismatch))
-    if restored is None:
-      state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
-      extra: dict[str, Any] = {}
-      start_step = 0
-    else:
-      state, extra, start_step = restored.state, restored.extra, restored.step
-      logging.info("Resumed from %s (step %d).", restored.path, start_step)
-    if is_main:
-      _write_json(os.path.join(workdir, CONFIG_FILE), config_dict)
-    train_step = jax.jit(
-        make_train_step(model, tx, learning_rate, label_smoothing=config.label_smoothing,
-                        seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip", **norm),
-        in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-        out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-    logger = MetricLogger(workdir, enabled=is_main, resume_step=start_step)
-    # A run resumed at the last step redoes its final eval, so that eval's record goes too.
-    logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)
+  with workdir_lock(workdir), _disk_full_is_a_workdir_error(workdir):
+    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                async_save=config.async_checkpointing)
     try:
-      run = _Run(config=config, workdir=workdir, total_steps=total_steps,
-                 train_step=train_step, eval_step=eval_step, pipeline=pipeline, mesh=mesh,
-                 checkpointer=checkpointer, logger=logger, config_dict=config_dict,
-                 is_main=is_main)
-      return _train_loop(run, state, start_step, extra)
+      if config.eval_only:
+        return _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step,
+                              pipeline, mesh, is_main)
+      restored = _resume(config, splits.fingerprint, checkpointer, abstract_state, total_steps)
+      if restored is None:
+        state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
+        extra: dict[str, Any] = {}
+        start_step = 0
+      else:
+        state, extra, start_step = restored.state, restored.extra, restored.step
+      config_dict = config_utils.config_to_dict(config)
+      if is_main:
+        storage.write_json(workdir / CONFIG_FILE, config_dict)
+      train_step = jax.jit(
+          make_train_step(model, tx, learning_rate, label_smoothing=config.label_smoothing,
+                          seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
+                          **norm),
+          in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+          out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+      logger = MetricLogger(workdir, enabled=is_main, resume_step=start_step)
+      # A run resumed at the last step redoes its final eval, so that eval's record goes too.
+      logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)
+      try:
+        run = _Run(config=config, workdir=workdir, total_steps=total_steps,
+                   train_step=train_step, eval_step=eval_step, pipeline=pipeline, mesh=mesh,
+                   checkpointer=checkpointer, logger=logger, config_dict=config_dict,
+                   provenance={"num_devices": jax.device_count(),
+                               "data_fingerprint": splits.fingerprint},
+                   is_main=is_main)
+        return _train_loop(run, state, start_step, extra)
+      finally:
+        logger.close()
     finally:
-      logger.close()
-  finally:
-    checkpointer.close()
+      checkpointer.close()
+
+
+def _resume(config, data_fingerprint: str, checkpointer, abstract_state, total_steps: int):
+  """The newest usable checkpoint (``checkpoint.Restored``) once its config, data and step
+  fit this run, or ``None`` to start afresh. Its ``extra`` always has ``data_position``."""
+
+  def check(saved_config: dict[str, Any], saved_extra: dict[str, Any]) -> None:
+    differences = config_utils.resume_differences(saved_config, config)
+    saved_fingerprint = saved_extra.get("data_fingerprint", "")
+    if saved_fingerprint and saved_fingerprint != data_fingerprint:
+      differences.append(("data.npz_contents", saved_fingerprint, data_fingerprint))
+    config_utils.check_resume_config(differences, config.allow_config_mismatch)
+
+  restored = checkpointer.restore_latest(abstract_state, check_resume=check)
+  if restored is None:
+    return None
+  if restored.step > total_steps:
+    raise ConfigError(f"Checkpoint {restored.path} is at step {restored.step}, past the "
+                      f"{total_steps} steps this config trains for; a run cannot resume "
+                      "beyond its end. Evaluate it with config.eval_only=True, or use a new "
+                      "--workdir.")
+  saved_devices = restored.extra.get("num_devices")
+  if saved_devices and saved_devices != jax.device_count():
+    logging.warning("Checkpoint %s was written on %d devices and resumes on %d: training "
+                    "continues correctly, but results are no longer bitwise equal to an "
+                    "uninterrupted run.", restored.path, saved_devices, jax.device_count())
+  if "data_position" not in restored.extra:  # written before positions counted examples
+    batches = restored.extra.get("data_iterator", {}).get("next_index", 0)
+    restored.extra["data_position"] = batches * restored.config.get("batch_size", 0)
+  logging.info("Resumed from %s (step %d).", restored.path, restored.step)
+  return restored
 
 
 def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline, mesh,
@@ -383,61 +448,89 @@ def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pip
     if restored is None:
       raise WorkdirError(f"eval_only: no checkpoint in {checkpointer.directory}; set "
                          "config.checkpoint_path to a checkpoint step directory.")
-  results = {"step": restored.step, **evaluate(eval_step, restored.state, pipeline, mesh)}
+  with PreemptionWatcher() as watcher:
+    metrics = evaluate(eval_step, restored.state, pipeline, mesh, watcher.should_stop)
+  if metrics is None:
+    logging.warning("Preempted during the evaluation of %s; rerun to evaluate.", restored.path)
+    return {"step": restored.step, "preempted": True}
+  results = {"step": restored.step, **metrics}
   logging.info("Eval of %s: %s", restored.path, results)
   if is_main:
-    _write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
+    storage.write_json(workdir / EVAL_RESULTS_FILE, results)
   return {**results, "preempted": False}
 
 
 def _train_loop(run: _Run, state: TrainState, start_step: int,
                 extra: dict[str, Any]) -> dict[str, Any]:
   """Steps from ``start_step`` to ``run.total_steps``: logs, evals, checkpoints, and stops
-  after a checkpoint on SIGTERM (``preempted: True``)."""
+  after a checkpoint on SIGTERM, also during an evaluation (``preempted: True``)."""
   config = run.config
-  iterator = run.pipeline.train_iterator(extra.get("data_iterator"))
+  position = int(extra.get("data_position", 0))  # examples of the training stream consumed
+  iterator = run.pipeline.train_iterator(position)
   window = _MetricWindow(config.on_nonfinite, extra.get("metric_window"),
                          int(extra.get("skipped_steps", 0)))
   last_saved = run.checkpointer.latest_step()
   step = start_step
   timer = (time.perf_counter(), step)
   with PreemptionWatcher() as watcher:
+    if extra.get("pending_eval") and step < run.total_steps:  # a preemption cut it short
+      if _evaluate_and_log(run, step, state, watcher) is None:
+        return _preempted(run, step)
     while step < run.total_steps:
       batch = parallel.global_batch(next(iterator), run.mesh)
       state, metrics = run.train_step(state, batch)
       step += 1
+      position += config.batch_size
       window.add(step, metrics)
       if step == start_step + 1:  # keep compilation out of img/s and the ETA
         jax.block_until_ready(metrics)
         timer = (time.perf_counter(), step)
       if step % config.log_every_steps == 0 or step == run.total_steps:
         _flush(run, window)
+        _check_skipped_fraction(run, step, window)
         _log_train(run, step, window, timer)
         window = window.next_window()
         timer = (time.perf_counter(), step)
       # Eval before save: a run killed in between redoes both after resuming.
       if config.eval_every_steps and step % config.eval_every_steps == 0 and \
           step < run.total_steps:
-        _evaluate_and_log(run, step, state)
+        if _evaluate_and_log(run, step, state, watcher) is None:
+          _save(run, step, state, position, window, pending_eval=True)
+          return _preempted(run, step)
       if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
-        last_saved = _save(run, step, state, iterator, window)
-      # Several processes must agree on the stop step: a host all-gather, done at log steps
-      # (already a sync point); a single process checks its flag after every step.
+        last_saved = _save(run, step, state, position, window)
+      # Several processes must agree on the stop step and on a failed background save:
+      # host all-gathers, done at log steps (already a sync point); a single process checks
+      # after every step.
       check_stop = jax.process_count() == 1 or step % config.log_every_steps == 0
+      if check_stop:
+        run.checkpointer.check_for_errors()
       if step < run.total_steps and check_stop and watcher.should_stop():
         if last_saved != step:
-          _save(run, step, state, iterator, window)
-        run.checkpointer.wait()
-        logging.warning("Preempted: checkpoint of step %d is on disk; rerun to resume.", step)
-        return {"step": step, "preempted": True}
-  _flush(run, window)
-  if last_saved != step:
-    _save(run, step, state, iterator, window)
-  results = _evaluate_and_log(run, step, state)
-  run.checkpointer.wait()
+          _save(run, step, state, position, window)
+        return _preempted(run, step)
+    _flush(run, window)
+    if last_saved != step:
+      _save(run, step, state, position, window)
+    run.checkpointer.wait()  # the final checkpoint is on disk before the final eval
+    results = _evaluate_and_log(run, step, state, watcher)
+    if results is None:
+      return _preempted(run, step)
   if run.is_main:
-    _write_json(os.path.join(run.workdir, EVAL_RESULTS_FILE), results)
+    storage.write_json(run.workdir / EVAL_RESULTS_FILE, results)
   return {**results, "preempted": False}
+
+
+def _preempted(run: _Run, step: int) -> dict[str, Any]:
+  run.checkpointer.wait()
+  logging.warning("Preempted: checkpoint of step %d is on disk; rerun to resume.", step)
+  return {"step": step, "preempted": True}
+
+
+def _last_good_checkpoint(run: _Run) -> str:
+  run.checkpointer.wait()
+  last = run.checkpointer.latest_step()
+  return str(run.checkpointer.step_path(last)) if last is not None else "none"
 
 
 def _flush(run: _Run, window: _MetricWindow) -> None:
@@ -446,14 +539,24 @@ def _flush(run: _Run, window: _MetricWindow) -> None:
   if bad is None:
     return
   step, metrics = bad
-  run.checkpointer.wait()
-  last = run.checkpointer.latest_step()
-  where = run.checkpointer.step_path(last) if last is not None else "none"
   raise NonFiniteError(
-      f"Non-finite loss or gradients at step {step} (loss={metrics['loss']}, "
-      f"grad_norm={metrics['grad_norm']}). Last good checkpoint: {where}; nothing "
-      "after it was saved. Lower the learning rate, or set "
-      "config.on_nonfinite='skip' to drop such steps.")
+      f"Step {step}: {_nonfinite_cause(metrics)}. Last good checkpoint: "
+      f"{_last_good_checkpoint(run)} (every saved checkpoint holds finite values); nothing "
+      "after it was saved. Lower the learning rate, or set config.on_nonfinite='skip' to "
+      "drop such steps.")
+
+
+def _check_skipped_fraction(run: _Run, step: int, window: _MetricWindow) -> None:
+  limit = run.config.max_skipped_fraction
+  if window.skipped > limit * step:
+    raise NonFiniteError(
+        f"{window.skipped} of the first {step} steps were skipped as non-finite, more than "
+        f"config.max_skipped_fraction={limit}. Last good checkpoint: "
+        f"{_last_good_checkpoint(run)}. Lower the learning rate (or raise the limit).")
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.4f}"
 
 
 def _log_train(run: _Run, step: int, window: _MetricWindow, timer: tuple[float, int]) -> None:
@@ -463,23 +566,30 @@ def _log_train(run: _Run, step: int, window: _MetricWindow, timer: tuple[float, 
   images_per_s = steps_done * run.config.batch_size / max(elapsed, 1e-9)
   eta_s = (run.total_steps - step) * elapsed / max(steps_done, 1)
   run.logger.write(step, "train", {**means, "skipped_steps": window.skipped})
-  logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s ETA %s", step,
-               run.total_steps, means["loss"], means["accuracy"], means["learning_rate"],
+  logging.info("step %d/%d loss %s acc %s lr %.4g %.0f img/s ETA %s", step, run.total_steps,
+               _fmt(means["loss"]), _fmt(means["accuracy"]), means["learning_rate"],
                images_per_s, time.strftime("%H:%M:%S", time.gmtime(eta_s)))
 
 
-def _save(run: _Run, step: int, state: TrainState, iterator, window: _MetricWindow) -> int:
+def _save(run: _Run, step: int, state: TrainState, position: int, window: _MetricWindow,
+          pending_eval: bool = False) -> int:
   """Checks the queued steps, then starts saving ``step``; returns ``step``."""
   _flush(run, window)
-  run.checkpointer.save(step, state, {"data_iterator": iterator.get_state(),
-                                      "metric_window": window.state(),
-                                      "skipped_steps": window.skipped}, run.config_dict)
+  run.checkpointer.save(step, state, {
+      "data_position": position, "metric_window": window.state(),
+      "skipped_steps": window.skipped, "pending_eval": pending_eval, **run.provenance},
+      run.config_dict)
   return step
 
 
-def _evaluate_and_log(run: _Run, step: int, state: TrainState) -> dict[str, Any]:
-  results = {"step": step, **evaluate(run.eval_step, state, run.pipeline, run.mesh)}
-  run.logger.write(step, "eval", {k: v for k, v in results.items() if k != "step"})
+def _evaluate_and_log(run: _Run, step: int, state: TrainState, watcher) -> dict[str, Any] | None:
+  """Evaluates ``state`` and logs it; ``None`` if a preemption notice cut the pass short."""
+  metrics = evaluate(run.eval_step, state, run.pipeline, run.mesh, watcher.should_stop)
+  if metrics is None:
+    logging.warning("Preemption notice during the evaluation at step %d: stopping it.", step)
+    return None
+  results = {"step": step, **metrics}
+  run.logger.write(step, "eval", metrics)
   logging.info("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", step,
                results["top1"], results["top5"], results["loss"], results["num_examples"])
   return results

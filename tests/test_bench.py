@@ -14,7 +14,7 @@ from aa_flax import attention
 # benchmarks/ is a top-level package of the repository, not of the installed aa_flax: make the
 # repository root importable also when pytest is started as `pytest` rather than `python -m`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import bench_attention, bench_train, gpu_check  # noqa: E402
+from benchmarks import bench_attention, bench_checkpoint, bench_train, gpu_check  # noqa: E402
 
 
 def test_naive_explicit_table_matches_attention():
@@ -145,3 +145,14 @@ def test_bench_attention_records_a_failing_method_and_goes_on(tmp_path, monkeypa
   assert [r["method"] for r in rows] == ["plain"]
   failures = json.loads((tmp_path / "flaky.json").read_text())["extra"]["failures"]
   assert failures[0]["method"] == "skew" and "RESOURCE_EXHAUSTED" in failures[0]["error"]
+
+
+def test_bench_checkpoint_times_saves_and_restores_with_and_without_digest(tmp_path):
+  state = {"params": {"kernel": jnp.ones((64, 32))}, "momentum": {"kernel": jnp.zeros((64, 32))}}
+  rows = bench_checkpoint.run(str(tmp_path), reps=1, state=state)
+  assert [(r["operation"], r["digest"]) for r in rows] == [
+      ("save", False), ("restore", False), ("save", True), ("restore", True),
+      ("write_digest only", True), ("verify_digest only", True)]
+  assert all(r["seconds"] > 0 for r in rows)
+  assert not list((tmp_path / "digest_False").rglob("aa_flax_digest.json"))
+  assert list((tmp_path / "digest_True").rglob("aa_flax_digest.json"))

@@ -4,8 +4,9 @@ Training: ``source -> shuffle (new order each epoch) -> repeat forever -> augmen
 process's share -> batch``. The k-th example of the global stream is fixed by ``seed`` alone;
 process ``p`` of ``P`` takes stream positions ``p, p + P, ...``, so global batch ``b`` holds
 stream positions ``[b*B, (b+1)*B)`` whatever the process count. Epochs run into each other
-(no example is dropped). The iterator's state is ``{'next_index': b}``: saving it with a
-checkpoint makes a resumed run read exactly what the uninterrupted one would have.
+(no example is dropped). A stream can start at any position ``s`` (in examples, not batches):
+saving the position with a checkpoint makes a resumed run read exactly what the uninterrupted
+one would have, with any batch size.
 
 Eval: global eval batch ``b`` puts example ``b*G + p*L + s`` in slot ``s`` of process ``p``
 (``G`` global, ``L = G/P`` local batch); slots past the end repeat an example with
@@ -73,20 +74,18 @@ class InputPipeline:
     import grain
     return grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
 
-  def train_dataset(self):
-    """The per-process training stream as a random-access ``grain.MapDataset`` of batches."""
+  def train_dataset(self, start: int = 0):
+    """This process's training batches from global stream position ``start`` (an example
+    count) as a random-access ``grain.MapDataset``."""
     import grain
     dataset = (grain.MapDataset.source(self.splits.train).seed(self.seed).shuffle().repeat()
                .random_map(preprocess.train_transform(self.augment, self.image_size)))
-    dataset = dataset[self.process_index::self.process_count]
+    dataset = dataset[start + self.process_index::self.process_count]
     return dataset.batch(self.local_batch_size, drop_remainder=True)
 
-  def train_iterator(self, state: dict[str, Any] | None = None):
-    """A grain iterator over training batches; ``get_state()``/``set_state()`` checkpoint it."""
-    iterator = iter(self.train_dataset().to_iter_dataset(self._read_options()))
-    if state is not None:
-      iterator.set_state(state)
-    return iterator
+  def train_iterator(self, start: int = 0):
+    """A grain iterator over training batches from stream position ``start``."""
+    return iter(self.train_dataset(start).to_iter_dataset(self._read_options()))
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of one pass over the eval split, with ``mask`` float32 [L]."""
