@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from typing import Any
 
 from etils import epath
@@ -114,10 +115,9 @@ def check_workdir(workdir: epath.Path, required_bytes: int) -> None:
   ``required_bytes`` is what the checkpoints will need (state size x checkpoints kept + 1);
   free space is only known for local disks.
   """
-  import jax
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write_probe.{jax.process_index()}.{os.getpid()}"
+    probe = workdir / f".write_probe.{socket.gethostname()}.{os.getpid()}"
     probe.write_bytes(b"0" * 4096)
     probe.unlink()
   except Exception as error:  # noqa: BLE001 - cloud storage clients raise their own types.

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from aa_flax import config_utils, optim, parallel, storage
 from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
@@ -213,19 +214,19 @@ class _MetricWindow:
 
 
 def _nonfinite_cause(metrics: dict[str, float]) -> str:
-  if metrics["finite_update"] < 1 and math.isfinite(metrics["loss"]) and \
-      math.isfinite(metrics["grad_norm"]):
+  finite_gradients = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+  if metrics["finite_update"] < 1 and finite_gradients:
     return ("the loss and gradients were finite but the updated parameters, BatchNorm "
             "statistics or optimizer state were not")
-  return f"non-finite loss or gradients (loss={metrics['loss']}, " \
-         f"grad_norm={metrics['grad_norm']})"
+  return (f"non-finite loss or gradients (loss={metrics['loss']}, "
+          f"grad_norm={metrics['grad_norm']})")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Run:
   """What the training loop reads and never rebinds."""
   config: ml_collections.ConfigDict
-  workdir: Any  # epath.Path
+  workdir: epath.Path
   total_steps: int
   train_step: Callable
   eval_step: Callable
