@@ -141,6 +141,7 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
   assert [(r["step"], r["split"]) for r in records] == [
       (3, "train"), (6, "train"), (9, "train"), (12, "train"), (12, "eval")]
   assert _json(fs, f"{RUN}/config.json")["model"]["name"] == "aa_resnet_tiny"
+  assert [s["preempted"] for s in _json(fs, f"{RUN}/run_info.json")["segments"]] == [True, False]
   assert fs.glob(f"{RUN}/tensorboard/events.out.tfevents.*")
   steps = sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(f"{RUN}/checkpoints"))
   assert steps == sorted({preempted, 6, 12})  # keep_checkpoints=3
