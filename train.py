@@ -5,6 +5,7 @@
 Without ``--config`` the embedded default (``configs/default.py``) runs. Every config key is
 listed in docs/CONFIG.md. Multi-process runs (TPU pods, GPU clusters) call
 ``jax.distributed.initialize`` first; see README, "Multi-host and multi-GPU".
+Each invocation appends its wall time and machine to ``<workdir>/run_info.json``.
 Exit status: 0 done; 1 a user error (one line on stderr); 75 preempted by SIGTERM after
 writing a checkpoint (rerun the same command to resume).
 """
@@ -12,6 +13,7 @@ writing a checkpoint (rerun the same command to resume).
 import logging as python_logging
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -65,8 +67,12 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def _quiet_orbax(record) -> bool:
-  """Keeps orbax's per-save INFO chatter out of the console (warnings still show)."""
-  return "orbax" not in record.pathname or record.levelno >= logging.converter.STANDARD_WARNING
+  """Keeps orbax's per-save INFO chatter and its tracebacks out of the console (warnings and
+  errors still show as one line each; a failed save ends the run with its own error)."""
+  if "orbax" not in record.pathname:
+    return True
+  record.exc_info, record.exc_text = None, None
+  return record.levelno >= logging.converter.STANDARD_WARNING
 
 
 def _summary(config, workdir: str) -> str:
@@ -87,14 +93,19 @@ def main(argv):
   parallel.initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
                                   _NUM_PROCESSES.value, _PROCESS_ID.value)
   import aa_flax
+  from aa_flax import run_info
   from aa_flax.errors import AAFlaxError
   from aa_flax.preemption import EXIT_PREEMPTED
   logging.info(_summary(_CONFIG.value, _WORKDIR.value))
+  start = time.perf_counter()
   try:
     result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except AAFlaxError as error:
-    print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
-    sys.exit(1)
+    print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    # Skip interpreter teardown: after a failed save it only adds tracebacks of background
+    # writes that orbax abandoned, printed after this error line.
+    os._exit(1)
+  run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:
     sys.exit(EXIT_PREEMPTED)
 

@@ -27,6 +27,7 @@ from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 RelativeMethod = Literal["gather", "skew"]
 RELATIVE_METHODS = ("gather", "skew")
@@ -169,8 +170,9 @@ def multihead_attention_2d(
 ):
   """Multi-head self-attention over 2D positions with optional relative logits.
 
-  The softmax is computed in float32 whatever the input dtype; the matmuls run in the
-  input dtype with float32 accumulation. q must already be scaled by ``d_k^h ** -0.5``.
+  The softmax is computed in float32 whatever the input dtype and normalised after the
+  product with v; the matmuls run in the input dtype with float32 accumulation (on CPU the
+  value product runs in float32). q must already be scaled by ``d_k^h ** -0.5``.
 
   Args:
     q: ``[B, N, H, W, d_k]``; k: ``[B, N, H, W, d_k]``; v: ``[B, N, H, W, d_v]``.
@@ -196,13 +198,23 @@ def multihead_attention_2d(
     logits = (logits.reshape(batch, heads, height, width, height, width)
               + logits_h[..., :, None] + logits_w[..., None, :])
     logits = logits.reshape(batch, heads, length, length)
-  weights = jax.nn.softmax(logits, axis=-1)
+  # Softmax normalised after the value product: out = (exp(l - max) V) / sum exp(l - max).
+  # Dividing the [B, N, HW, d_v] product instead of the [B, N, HW, HW] weights saves a pass
+  # (forward and backward) over the largest tensor; the shift by the row max (a constant of
+  # the softmax) keeps exp <= 1 and the sum >= 1.
+  row_max = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  unnormalised = jnp.exp(logits - row_max)
+  denominator = jnp.sum(unnormalised, axis=-1, keepdims=True)  # [B, N, HW, 1]
+  # XLA:CPU has no bf16 matmul and would convert bf16 weights back to float32: two more
+  # passes over [B, N, HW, HW]. Elsewhere the product runs in v's dtype (e.g. bf16 units).
+  product_dtype = jnp.float32 if jax.default_backend() == "cpu" else v.dtype
   out = jnp.einsum(
-      "bnqk,bnkd->bnqd", weights.astype(v.dtype), v.reshape(batch, heads, length, -1),
-      preferred_element_type=jnp.float32).astype(v.dtype)
-  out = out.reshape(batch, heads, height, width, v.shape[-1])
+      "bnqk,bnkd->bnqd", unnormalised.astype(product_dtype),
+      v.reshape(batch, heads, length, -1).astype(product_dtype),
+      preferred_element_type=jnp.float32)
+  out = (out / denominator).astype(v.dtype).reshape(batch, heads, height, width, v.shape[-1])
   if return_weights:
-    return out, weights
+    return out, unnormalised / denominator
   return out
 
 

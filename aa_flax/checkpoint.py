@@ -1,29 +1,33 @@
-"""Checkpoints: orbax ``CheckpointManager`` with resume, corrupt-checkpoint fallback and
-config checks.
+"""Checkpoints: orbax ``CheckpointManager`` with digests, resume and corrupt-checkpoint
+fallback, on local disks or cloud storage (``storage``).
 
-A checkpoint step directory ``<workdir>/checkpoints/<step>/`` holds three items:
-``state`` (the train state arrays, ``StandardSave``), ``extra`` (JSON: the data iterator
-state and the open metric window) and ``config`` (JSON: the run's config). orbax writes a
-step into a temporary directory and renames it when complete, so a run killed mid-save
-leaves no half-written step behind; an unreadable complete step (a truncated file) is moved
-to ``<workdir>/corrupt_checkpoints/`` and the previous step is used instead.
+A checkpoint step directory ``<workdir>/checkpoints/<step>/`` holds three items: ``state``
+(the train state arrays, ``StandardSave``), ``extra`` (JSON: data position, open metric
+window, ...) and ``config`` (JSON: the run's config), plus ``aa_flax_digest.json``
+(``integrity``), written once every process has written its part and before orbax commits
+the step. orbax writes a step into a temporary directory and renames it when complete (on
+object stores it writes a commit marker last), so a run killed mid-save leaves no half-written
+step behind. A complete step that cannot be read, or whose files differ from its digest, is
+moved to ``<workdir>/corrupt_checkpoints/`` and the previous step is used instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import logging
+from etils import epath
 
+from aa_flax import integrity, storage
 from aa_flax.errors import ConfigMismatchError, WorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
+QUARANTINE_REASON_FILE = "aa_flax_quarantine_reason.txt"
 
 
 @dataclasses.dataclass
@@ -33,17 +37,23 @@ class Restored:
   state: Any
   extra: dict[str, Any]
   config: dict[str, Any]
-  path: str
+  path: epath.Path
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
 
 
 class Checkpointer:
   """Saves and restores ``(state, extra, config)`` under ``<workdir>/checkpoints``.
 
-  Saves are asynchronous (when ``async_save``); ``wait()`` blocks until they are on disk.
+  Saves are asynchronous (when ``async_save``); ``wait()`` blocks until they are committed.
+  A failed save raises ``WorkdirError`` from ``save``, ``wait`` or ``check_for_errors``.
   Every process must call ``save``/``restore`` together (orbax writes collectively).
   """
 
-  def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool = True):
+  def __init__(self, workdir: epath.Path, *, max_to_keep: int, async_save: bool = True):
     import orbax.checkpoint as ocp
     self._ocp = ocp
     if jax.default_backend() == "cpu":
@@ -52,151 +62,179 @@ class Checkpointer:
       # save of a state over simulated devices. CPU devices share one disk, so nothing is lost.
       ocp.type_handlers.register_type_handler(
           jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = workdir
+    self.directory = workdir / CHECKPOINT_DIR
+    self._async_save = async_save
+    self._saving_step: int | None = None
+    # Saves always run through orbax's async machinery: it offers the hook that writes the
+    # digest between the last write and the commit. A synchronous save then waits.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True)
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_digest))
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def _write_digest(self) -> None:
+    """orbax calls this on process 0 after every process wrote its part, before the commit."""
+    from orbax.checkpoint.path import atomicity_types
+    step = self._saving_step
+    temporary = self.directory / f"{step}{atomicity_types.TMP_DIR_SUFFIX}"
+    integrity.write_digest(temporary if temporary.exists() else self.step_path(step))
 
   def save(self, step: int, state: Any, extra: dict[str, Any], config: dict[str, Any]) -> None:
     """Starts writing step ``step`` (a no-op if that step already exists)."""
     if step in self.manager.all_steps():
       return
+    self.wait()  # the digest hook reads _saving_step: one save at a time
+    self._saving_step = step
     args = self._ocp.args
-    self.manager.save(step, args=args.Composite(
-        state=args.StandardSave(state), extra=args.JsonSave(extra),
-        config=args.JsonSave(config)), force=True)
+    try:
+      self.manager.save(step, args=args.Composite(
+          state=args.StandardSave(state), extra=args.JsonSave(storage.finite_or_none(extra)),
+          config=args.JsonSave(storage.finite_or_none(config))), force=True)
+    except Exception as error:  # noqa: BLE001 - storage errors come in many types.
+      raise self._save_error(step, error) from error
+    if not self._async_save:
+      self.wait()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is committed; raises ``WorkdirError`` if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001
+      raise self._save_error(self._saving_step, error) from error
+
+  def check_for_errors(self) -> None:
+    """Raises ``WorkdirError`` if a background save already failed. Blocks only for a save
+    other processes finished first; a collective when there are several processes."""
+    finished = not self.manager.is_saving_in_progress()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      finished = bool(np.any(multihost_utils.process_allgather(np.int32(finished))))
+    if finished:
+      self.wait()
+
+  def _save_error(self, step: int | None, error: Exception) -> WorkdirError:
+    self.manager.reload()  # what is on disk now
+    complete = [s for s in self.manager.all_steps() if s != step]
+    last = str(self.step_path(max(complete))) if complete else "none"
+    cause = ("no space left on device" if "No space left on device" in str(error)
+             else _first_line(error))
+    return WorkdirError(f"Saving checkpoint step {step} in {self.directory} failed ({cause}). "
+                        f"Last complete checkpoint: {last}. Fix the cause (e.g. free space) "
+                        "and rerun to resume from it.")
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight (a failure is logged: ``wait`` reports it) and closes."""
+    try:
+      self.manager.close()
+    except Exception as error:  # noqa: BLE001 - an exception may already be propagating.
+      logging.warning("Closing the checkpoint manager: %s", _first_line(error))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def step_path(self, step: int) -> epath.Path:
+    return self.directory / str(step)
 
-  def read_config(self, step: int) -> dict[str, Any]:
-    args = self._ocp.args
-    return self.manager.restore(step, args=args.Composite(config=args.JsonRestore()))["config"]
-
-  def restore_latest(self, abstract_state: Any, check_config=None) -> Restored | None:
-    """Restores the newest readable step, or returns ``None`` when there is none.
+  def restore_latest(self, abstract_state: Any,
+                     check_resume: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+                     ) -> Restored | None:
+    """Restores the newest usable step, or returns ``None`` when there is none.
 
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings.
-    ``check_config(saved_config_dict)`` runs before the state is read and may raise (e.g.
-    ``ConfigMismatchError``); such errors propagate. A step whose files cannot be read is
-    reported, and once an older step restores, moved to ``corrupt_checkpoints/``. If no step
-    can be read, raises ``WorkdirError`` listing every failure and moves nothing.
+    ``check_resume(saved_config, saved_extra)`` runs before the state is read and may raise
+    (e.g. ``ConfigMismatchError``); such errors propagate. A step whose files differ from its
+    digest or cannot be read is reported and, once an older step restores, moved to
+    ``corrupt_checkpoints/``. An intact step (digest verified) whose state does not fit
+    ``abstract_state`` raises ``ConfigMismatchError``. If no step can be read, raises
+    ``WorkdirError`` listing every failure and moves nothing.
     """
-    failures = []
+    failures: list[tuple[int, Exception]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        config = self.read_config(step)
+        verified = self._verify(step)
+        saved = self._restore_items(step, config=self._ocp.args.JsonRestore(),
+                                    extra=self._ocp.args.JsonRestore())
       except Exception as error:  # noqa: BLE001 - any read failure means an unusable step.
-        failures.append((step, error))
-        logging.warning("Checkpoint step %d is unreadable (%s: %s); trying an older one.",
-                        step, type(error).__name__, error)
+        self._report_unusable(step, error, failures)
         continue
-      if check_config is not None:
-        check_config(config)
+      if check_resume is not None:
+        check_resume(saved["config"], saved["extra"])
       try:
-        restored = self._restore_step(step, abstract_state)
+        state = self._restore_items(
+            step, state=self._ocp.args.StandardRestore(abstract_state))["state"]
       except Exception as error:  # noqa: BLE001
-        failures.append((step, error))
-        logging.warning("Checkpoint step %d is unreadable (%s: %s); trying an older one.",
-                        step, type(error).__name__, error)
+        if verified:
+          raise ConfigMismatchError(
+              f"Checkpoint {self.step_path(step)} is intact (its files match their digest) "
+              "but its train state does not fit the current model and optimizer "
+              f"({_first_line(error)}). Resume with the config it was written with "
+              "(its 'config' item), or use a new --workdir.") from error
+        self._report_unusable(step, error, failures)
         continue
-      self._quarantine([s for s, _ in failures])
-      return dataclasses.replace(restored, config=config)
+      self._quarantine(failures)
+      return Restored(step, state, saved["extra"], saved["config"], self.step_path(step))
     if failures:
-      details = "\n".join(f"  step {s}: {type(e).__name__}: {e}" for s, e in failures)
+      details = "\n".join(f"  step {s}: {_first_line(e)}" for s, e in failures)
       raise WorkdirError(f"No checkpoint in {self.directory} could be restored:\n{details}\n"
                          "Move the directory away to start afresh.")
     return None
 
-  def restore_path(self, path: str, abstract_state: Any) -> Restored:
-    """Restores the checkpoint step directory ``path`` (for evaluation-only runs)."""
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
-    if not os.path.isdir(os.path.join(path, "state")):
-      raise WorkdirError(f"{path} is not a checkpoint step directory (it has no 'state' "
+  def restore_path(self, location: str, abstract_state: Any) -> Restored:
+    """Restores the checkpoint step directory ``location`` (for evaluation-only runs)."""
+    step_dir = storage.path(location)
+    if not (step_dir / "state").exists():
+      raise WorkdirError(f"{step_dir} is not a checkpoint step directory (it has no 'state' "
                          "item); pass e.g. <workdir>/checkpoints/<step>.")
-    manager = ocp.CheckpointManager(os.path.dirname(path))
     try:
-      step = int(os.path.basename(path))
+      step = int(step_dir.name)
     except ValueError as error:
-      raise WorkdirError(f"{path}: a checkpoint step directory is named by its step.") from error
-    args = ocp.args
-    result = manager.restore(step, args=args.Composite(
-        state=args.StandardRestore(abstract_state), extra=args.JsonRestore(),
-        config=args.JsonRestore()))
-    manager.close()
-    return Restored(step, result["state"], result["extra"], result["config"], path)
-
-  def _restore_step(self, step: int, abstract_state: Any) -> Restored:
+      raise WorkdirError(f"{step_dir}: a checkpoint step directory is named by its step."
+                         ) from error
+    try:
+      integrity.verify_digest(step_dir)
+    except integrity.DigestMismatchError as error:
+      raise WorkdirError(f"Checkpoint {step_dir} is corrupt: {error}") from error
     args = self._ocp.args
-    result = self.manager.restore(step, args=args.Composite(
-        state=args.StandardRestore(abstract_state), extra=args.JsonRestore()))
-    return Restored(step, result["state"], result["extra"], {}, self.step_path(step))
+    with self._ocp.CheckpointManager(step_dir.parent) as manager:
+      result = manager.restore(step, args=args.Composite(
+          state=args.StandardRestore(abstract_state), extra=args.JsonRestore(),
+          config=args.JsonRestore()))
+    return Restored(step, result["state"], result["extra"], result["config"], step_dir)
 
-  def _quarantine(self, steps: list[int]) -> None:
-    """Moves unreadable steps out of the manager's directory (process 0), then reloads."""
-    if not steps:
+  def _verify(self, step: int) -> bool:
+    verified = integrity.verify_digest(self.step_path(step))
+    if not verified:
+      logging.warning("Checkpoint step %d has no digest (written by an earlier version); "
+                      "restoring it unchecked.", step)
+    return verified
+
+  def _restore_items(self, step: int, **items) -> dict[str, Any]:
+    return self.manager.restore(step, args=self._ocp.args.Composite(**items))
+
+  @staticmethod
+  def _report_unusable(step: int, error: Exception, failures: list) -> None:
+    failures.append((step, error))
+    logging.warning("Checkpoint step %d is unreadable (%s); trying an older one.", step,
+                    _first_line(error))
+
+  def _quarantine(self, failures: list[tuple[int, Exception]]) -> None:
+    """Moves unusable steps out of the manager's directory (process 0), then reloads."""
+    if not failures:
       return
     if jax.process_index() == 0:
-      target_root = os.path.join(self.workdir, CORRUPT_DIR)
-      os.makedirs(target_root, exist_ok=True)
-      for step in steps:
-        target = os.path.join(target_root, f"{step}-{int(time.time())}")
-        shutil.move(self.step_path(step), target)
-        logging.warning("Moved unreadable checkpoint step %d to %s.", step, target)
+      target_root = self.workdir / CORRUPT_DIR
+      target_root.mkdir(parents=True, exist_ok=True)
+      for step, error in failures:
+        target = target_root / f"{step}-{int(time.time())}"
+        storage.move_tree(self.step_path(step), target)
+        (target / QUARANTINE_REASON_FILE).write_text(f"{_first_line(error, 2000)}\n")
+        logging.warning("Moved unusable checkpoint step %d to %s.", step, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("aa_flax_quarantine")
     self.manager.reload()
-
-
-def check_resume_config(saved: dict[str, Any], current, allow_mismatch: bool) -> None:
-  """Raises ``ConfigMismatchError`` listing model/data keys that differ from the checkpoint."""
-  from aa_flax.config_utils import resume_differences
-  differences = resume_differences(saved, current)
-  if not differences:
-    return
-  lines = "\n".join(f"  {key}: checkpoint {old!r} -> now {new!r}" for key, old, new in differences)
-  if allow_mismatch:
-    logging.warning("Resuming despite config changes (allow_config_mismatch=True):\n%s", lines)
-    return
-  raise ConfigMismatchError(
-      "The workdir holds checkpoints of a run with a different model or data config:\n"
-      f"{lines}\nUse a new --workdir, or pass --config.allow_config_mismatch=True to resume "
-      "anyway.")
-
-
-def check_workdir(workdir: str, required_bytes: int) -> None:
-  """Raises ``WorkdirError`` if ``workdir`` cannot be created/written or lacks free space.
-
-  ``required_bytes`` is what the checkpoints will need (state size x checkpoints kept + 1).
-  """
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
-    with open(probe, "wb") as handle:
-      handle.write(b"0" * 4096)
-    os.remove(probe)
-  except OSError as error:
-    raise WorkdirError(f"Workdir {workdir} is not writable: {error}.") from error
-  free = shutil.disk_usage(workdir).free
-  if free < required_bytes:
-    raise WorkdirError(
-        f"Workdir {workdir} has {free / 2**20:.1f} MiB free but the checkpoints need about "
-        f"{required_bytes / 2**20:.1f} MiB (config.keep_checkpoints + 1 copies of the train "
-        "state). Free space, choose another --workdir or lower keep_checkpoints.")
 
 
 def read_state_arrays(step_dir: str) -> dict[str, Any]:
@@ -207,8 +245,8 @@ def read_state_arrays(step_dir: str) -> dict[str, Any]:
   """
   import numpy as np
   import orbax.checkpoint as ocp
+  state_dir = storage.path(step_dir) / "state"
   with ocp.PyTreeCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata
+    metadata = checkpointer.metadata(state_dir).item_metadata
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return checkpointer.restore(os.path.join(step_dir, "state"),
-                                args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))

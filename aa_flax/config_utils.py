@@ -7,19 +7,24 @@ fails loudly in ``config_flags``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
+from absl import logging
 from ml_collections import config_dict
 
-from aa_flax.errors import ConfigError
+from aa_flax.errors import ConfigError, ConfigMismatchError
 
 NONFINITE_POLICIES = ("stop", "skip")
-# Keys that change what is trained (model, data) and so may not change between a checkpoint
-# and the run that resumes it. Loader performance knobs are free to change.
-RESUME_SECTIONS = ("model", "data")
-RESUME_FREE_KEYS = ("data.num_threads", "data.num_workers", "data.prefetch",
-                    "data.tfds_data_dir")
+# Keys that may change between a checkpoint and the run that resumes it: how a run is
+# observed, saved, evaluated and fed, not what it trains. Every other key is part of the
+# model, the data or the training recipe, and a change is refused (see check_resume_config).
+RESUME_FREE_KEYS = frozenset({
+    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "async_checkpointing", "eval_only", "checkpoint_path", "eval_batch_size", "on_nonfinite",
+    "max_skipped_fraction", "allow_config_mismatch", "data.num_threads", "data.num_workers",
+    "data.prefetch", "data.tfds_data_dir"})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -78,7 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_only = False
   config.checkpoint_path = ""  # eval-only: a checkpoint step directory; empty: newest in workdir
   config.on_nonfinite = "stop"  # stop | skip (the step's update is dropped)
-  config.allow_config_mismatch = False  # resume even if model/data keys changed
+  config.max_skipped_fraction = 0.1  # skip: fail once more of the steps so far were skipped
+  config.allow_config_mismatch = False  # resume despite model/data/recipe changes (warned)
   return config
 
 
@@ -141,6 +147,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.data.image_size and config.data.num_classes must be >= 0 "
                       f"(0: from the data); got {config.data.image_size}, "
                       f"{config.data.num_classes}.")
+  _check_range("optimizer.base_learning_rate", config.optimizer.base_learning_rate, 0.0, None)
+  _check_range("optimizer.warmup_epochs", config.optimizer.warmup_epochs, 0.0, None)
+  _check_range("label_smoothing", config.label_smoothing, 0.0, 1.0, upper_open=True)
+  _check_range("max_skipped_fraction", config.max_skipped_fraction, 0.0, 1.0)
+
+
+def _check_range(key: str, value: float, low: float, high: float | None,
+                 upper_open: bool = False) -> None:
+  """Raises ``ConfigError`` unless ``low <= value <= high`` (``< high`` if ``upper_open``)."""
+  above = high is not None and (value >= high if upper_open else value > high)
+  if not math.isfinite(value) or value < low or above:
+    valid = (f"in [{low}, {high}{')' if upper_open else ']'}" if high is not None
+             else f">= {low}")
+    raise ConfigError(f"config.{key}={value} is invalid; it must be a finite number {valid}.")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -159,16 +179,45 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix: tree}
 
 
+def resume_section(key: str) -> str:
+  """What a (dotted) config key belongs to: ``model``, ``data`` or ``training recipe``."""
+  head = key.split(".")[0]
+  return head if head in ("model", "data") else "training recipe"
+
+
 def resume_differences(saved: dict[str, Any], current: ml_collections.ConfigDict
                        ) -> list[tuple[str, Any, Any]]:
-  """``(key, saved value, current value)`` for every model/data key that differs."""
-  old = {k: v for k, v in flatten(saved).items() if k.split(".")[0] in RESUME_SECTIONS}
-  new = {k: v for k, v in flatten(config_to_dict(current)).items()
-         if k.split(".")[0] in RESUME_SECTIONS}
+  """``(key, saved value, current value)`` for every key outside ``RESUME_FREE_KEYS`` that
+  differs between a checkpoint's config and ``current``."""
+  old = flatten(saved)
+  new = flatten(config_to_dict(current))
   absent = "<absent>"
   return [(key, old.get(key, absent), new.get(key, absent))
           for key in sorted(set(old) | set(new))
           if key not in RESUME_FREE_KEYS and old.get(key, absent) != new.get(key, absent)]
+
+
+def check_resume_config(differences: list[tuple[str, Any, Any]], allow_mismatch: bool) -> None:
+  """Raises ``ConfigMismatchError`` listing ``differences`` (from ``resume_differences``,
+  plus any the caller adds, e.g. changed data contents) by section with both values; with
+  ``allow_mismatch`` logs them as warnings instead."""
+  if not differences:
+    return
+  sections: dict[str, list[str]] = {}
+  for key, old, new in differences:
+    sections.setdefault(resume_section(key), []).append(
+        f"    {key}: checkpoint {old!r} -> now {new!r}")
+  lines = "\n".join(f"  {section}:\n" + "\n".join(entries)
+                    for section, entries in sections.items())
+  if allow_mismatch:
+    for key, old, new in differences:
+      logging.warning("Resuming despite a config change (allow_config_mismatch=True): %s: "
+                      "checkpoint %r -> now %r", key, old, new)
+    return
+  raise ConfigMismatchError(
+      "The workdir holds checkpoints of a run with a different config:\n"
+      f"{lines}\nUse a new --workdir, or pass --config.allow_config_mismatch=True to resume "
+      "anyway (each difference is then logged as a warning).")
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -91,11 +91,10 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 class DeviceBatches:
   """Global batches put on the devices by a background thread, up to ``ahead`` in advance.
 
-  Wraps an iterator of local host batches with ``get_state()`` (the data iterators). While
-  the training loop runs step ``k``, the thread already reads batch ``k + 1`` from the host
-  pipeline and starts its transfer, so a step need not wait for the host or the link.
-  ``get_state()`` is the host iterator's state after the last batch *taken*: batches still
-  in flight are read again after a restore, so resuming stays exact.
+  Wraps an iterator of local host batches. While the training loop runs step ``k``, the
+  thread already reads batch ``k + 1`` from the host pipeline and starts its transfer, so a
+  step need not wait for the host or the link. The caller counts the batches it takes (the
+  trainer checkpoints that position), so batches still in flight never affect a resume.
 
   ``wait_seconds`` adds up the time the loop spent blocked waiting for a batch: near zero
   when the devices bound the step, most of the step when the input pipeline does.
@@ -107,7 +106,6 @@ class DeviceBatches:
       raise ValueError(f"ahead={ahead} must be >= 1.")
     self._host = host_batches
     self._mesh = mesh
-    self._state = host_batches.get_state()
     self._queue: queue.Queue = queue.Queue(maxsize=ahead)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._produce, daemon=True,
@@ -119,9 +117,9 @@ class DeviceBatches:
     try:
       while not self._stop.is_set():
         batch = global_batch(next(self._host), self._mesh)
-        self._put((batch, self._host.get_state(), None))
+        self._put((batch, None))
     except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
-      self._put((None, None, error))
+      self._put((None, error))
 
   def _put(self, item) -> None:
     while not self._stop.is_set():
@@ -136,16 +134,12 @@ class DeviceBatches:
 
   def __next__(self) -> dict[str, jax.Array]:
     start = time.perf_counter()
-    batch, state, error = self._queue.get()
+    batch, error = self._queue.get()
     self.wait_seconds += time.perf_counter() - start
     if error is not None:
-      self._queue.put((None, None, error))  # every later call raises it too
+      self._queue.put((None, error))  # every later call raises it too
       raise error
-    self._state = state
     return batch
-
-  def get_state(self) -> dict[str, Any]:
-    return self._state
 
   def close(self) -> None:
     self._stop.set()

@@ -17,7 +17,7 @@ class PreemptionWatcher:
   """Records SIGTERM instead of dying; ``should_stop()`` is agreed by all processes.
 
   Installed only from the main thread (Python delivers signals there); elsewhere it only
-  answers ``False``. ``close()`` restores the previous handlers.
+  answers ``False``. ``close()`` (or leaving a ``with`` block) restores the previous handlers.
   """
 
   def __init__(self, signals=(signal.SIGTERM,)):
@@ -39,6 +39,12 @@ class PreemptionWatcher:
       return local
     from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+  def __enter__(self) -> "PreemptionWatcher":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
   def close(self) -> None:
     for signum, handler in self._previous.items():

@@ -1,92 +1,173 @@
-"""Parameter and GFLOP counts of every model in the paper's tables 1, 2, 3, 4 and 6.
+"""The paper's tables in one place: every row's numbers, and our parameter and GFLOP counts.
 
-    python -m aa_flax.tables [--tables 1,2,3,4,6] [--no-flops]
+    python -m aa_flax.tables [--tables 1,2,3,4,6,7] [--no-flops]
 
-prints, for each row, the paper's params and GFlops with their confidence mark from
-PAPER.md ([sure], [likely], [unsure]) beside ours and the relative difference. GFLOPs use the
-"dense" convention (padding taps counted, like the paper; see ``aa_flax.metrics``); XLA's own
-cost analysis is printed beside it.
+prints, for each row, the paper's params and GFlops with their confidence mark ([sure]: read
+from the paper; [likely]: from secondary sources or consistent derivations; [unsure]:
+remembered, not confirmed) beside ours and the relative difference. GFLOPs use the "dense"
+convention (padding taps counted, like the paper; see ``aa_flax.metrics``); XLA's own cost
+analysis is printed beside it. ``PAPER_ROWS`` also holds the paper's top-1/top-5 (percent),
+which ``aa_flax.report`` sets beside trained runs. Rows whose model is not in the registry
+(some of Table 2's attention modules) are listed as not implemented.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from aa_flax.metrics import count_flops, count_params
-from aa_flax.models import create_model
+from aa_flax.models import create_model, list_models
 
 
 @dataclasses.dataclass(frozen=True)
 class PaperRow:
-  """One row: our model name and the paper's numbers (millions of params, GFlops)."""
+  """One row of a paper table: our model (name + overrides) and the paper's numbers.
+
+  ``params_m`` in millions, ``gflops`` per image, ``top1``/``top5`` in percent; ``None``
+  where the paper gives no number. Each number has a confidence mark (sure, likely, unsure).
+  ``config_arg`` is the argument of the table's config file that trains this row.
+  """
   table: int
   label: str
   model: str
-  params_m: float
+  params_m: Optional[float]
   params_mark: str
   gflops: Optional[float] = None
   gflops_mark: str = ""
+  top1: Optional[float] = None
+  top1_mark: str = ""
+  top5: Optional[float] = None
+  top5_mark: str = ""
+  overrides: tuple[tuple[str, Any], ...] = ()
+  config_arg: str = ""
 
 
 # Input size and classes per table: CIFAR-100 at 32 px, ImageNet at 224 px.
-TABLE_INPUTS = {1: (32, 100), 2: (224, 1000), 3: (224, 1000), 4: (224, 1000), 6: (224, 1000)}
+TABLE_INPUTS = {1: (32, 100), 2: (224, 1000), 3: (224, 1000), 4: (224, 1000), 6: (224, 1000),
+                7: (224, 1000)}
+TABLE_TITLES = {
+    1: "CIFAR-100, Wide-ResNet-28-10",
+    2: "ImageNet ResNet-50 with other attention modules",
+    3: "ImageNet ResNets",
+    4: "ImageNet MnasNet",
+    6: "Fully attentional ResNet-50 (kappa = upsilon)",
+    7: "Position encodings, ImageNet",
+}
+# The config file that trains each table's rows (``python train.py --config=<file>:<arg>``).
+TABLE_CONFIGS = {1: "configs/cifar.py", 2: "configs/imagenet_resnet.py",
+                 3: "configs/imagenet_resnet.py", 4: "configs/imagenet_mnasnet.py",
+                 6: "configs/imagenet_resnet.py", 7: "configs/imagenet_resnet.py"}
 
+
+def _encoding_row(depth: int, encoding: str, top1: float, top5: float, mark: str) -> PaperRow:
+  return PaperRow(7, f"AA-ResNet-{depth}, {encoding}", f"aa_resnet{depth}", None, "",
+                  top1=top1, top1_mark=mark, top5=top5, top5_mark=mark,
+                  overrides=(("position_encoding", encoding),),
+                  config_arg=f"aa_resnet{depth},{encoding}")
+
+
+S, L, U = "sure", "likely", "unsure"
 PAPER_ROWS: tuple[PaperRow, ...] = (
-    PaperRow(1, "Wide-ResNet", "wrn28_10", 36.3, "sure", 10.4, "sure"),
-    PaperRow(1, "GE-Wide-ResNet", "ge_wrn28_10", 36.3, "sure", 10.4, "sure"),
-    PaperRow(1, "SE-Wide-ResNet", "se_wrn28_10", 36.5, "sure", 10.4, "sure"),
-    PaperRow(1, "AA-Wide-ResNet", "aa_wrn28_10", 36.2, "sure", 10.9, "sure"),
-    # Table 2: ResNet-50 with other attention modules (only top-1 of SE and AA is sure).
-    PaperRow(2, "ResNet-50", "resnet50", 25.6, "unsure"),
-    PaperRow(2, "SE-ResNet-50", "se_resnet50", 28.1, "unsure", 8.7, "unsure"),
-    PaperRow(2, "BAM-ResNet-50", "bam_resnet50", 25.9, "unsure"),
-    PaperRow(2, "CBAM-ResNet-50", "cbam_resnet50", 28.1, "unsure"),
-    PaperRow(2, "GALA-ResNet-50", "gala_resnet50", 29.4, "unsure"),
-    PaperRow(2, "GE-ResNet-50 (GE-θ)", "ge_resnet50", 31.1, "unsure"),
-    PaperRow(2, "AA-ResNet-50", "aa_resnet50", 25.8, "unsure", 8.3, "unsure"),
-    PaperRow(3, "ResNet-34", "resnet34", 21.8, "likely", 7.4, "likely"),
-    PaperRow(3, "SE-ResNet-34", "se_resnet34", 22.0, "unsure", 7.4, "likely"),
-    PaperRow(3, "AA-ResNet-34", "aa_resnet34", 20.7, "likely", 7.1, "likely"),
-    PaperRow(3, "ResNet-50", "resnet50", 25.6, "likely", 8.2, "likely"),
-    PaperRow(3, "SE-ResNet-50", "se_resnet50", 28.1, "likely", 8.2, "likely"),
-    PaperRow(3, "AA-ResNet-50", "aa_resnet50", 25.8, "likely", 8.3, "likely"),
-    PaperRow(3, "ResNet-101", "resnet101", 44.5, "likely", 15.6, "likely"),
-    PaperRow(3, "SE-ResNet-101", "se_resnet101", 49.3, "unsure", 15.6, "unsure"),
-    PaperRow(3, "AA-ResNet-101", "aa_resnet101", 45.4, "likely", 16.1, "likely"),
-    PaperRow(3, "ResNet-152", "resnet152", 60.2, "unsure", 23.0, "unsure"),
-    PaperRow(3, "SE-ResNet-152", "se_resnet152", 66.8, "unsure", 23.1, "unsure"),
-    PaperRow(3, "AA-ResNet-152", "aa_resnet152", 61.6, "unsure", 23.8, "unsure"),
-    PaperRow(4, "MnasNet-0.75", "mnasnet_0.75", 2.91, "unsure"),
-    PaperRow(4, "AA-MnasNet-0.75", "aa_mnasnet_0.75", 3.02, "unsure"),
-    PaperRow(4, "MnasNet-1.0", "mnasnet_1.0", 3.89, "unsure"),
-    PaperRow(4, "AA-MnasNet-1.0", "aa_mnasnet_1.0", 4.06, "unsure"),
-    PaperRow(4, "MnasNet-1.25", "mnasnet_1.25", 5.26, "unsure"),
-    PaperRow(4, "AA-MnasNet-1.25", "aa_mnasnet_1.25", 5.53, "unsure"),
-    PaperRow(4, "MnasNet-1.4", "mnasnet_1.4", 6.10, "unsure"),
-    PaperRow(4, "AA-MnasNet-1.4", "aa_mnasnet_1.4", 6.44, "unsure"),
-    PaperRow(6, "FA ResNet-50 κ=υ=0.25", "fa_resnet50_0.25", 24.3, "unsure", 7.9, "unsure"),
-    PaperRow(6, "FA ResNet-50 κ=υ=0.5", "fa_resnet50_0.5", 22.3, "unsure", 7.3, "unsure"),
-    PaperRow(6, "FA ResNet-50 κ=υ=0.75", "fa_resnet50_0.75", 20.7, "unsure", 6.8, "unsure"),
-    PaperRow(6, "FA ResNet-50 κ=υ=1.0", "fa_resnet50_1.0", 19.4, "unsure", 6.3, "unsure"),
+    # table, label, model, params, mark, GFlops, mark, top-1, mark, top-5, mark
+    PaperRow(1, "Wide-ResNet", "wrn28_10", 36.3, S, 10.4, S, 80.3, S, 95.0, S),
+    PaperRow(1, "GE-Wide-ResNet", "ge_wrn28_10", 36.3, S, 10.4, S, 79.8, S, 95.0, S),
+    PaperRow(1, "SE-Wide-ResNet", "se_wrn28_10", 36.5, S, 10.4, S, 81.0, S, 95.3, S),
+    PaperRow(1, "AA-Wide-ResNet", "aa_wrn28_10", 36.2, S, 10.9, S, 81.6, S, 95.2, S),
+    # Table 2: only the top-1 of SE and AA is sure.
+    PaperRow(2, "ResNet-50", "resnet50", 25.6, U, top1=76.4, top1_mark=U),
+    PaperRow(2, "SE-ResNet-50", "se_resnet50", 28.1, U, 8.7, U, 77.5, S, 93.7, U),
+    PaperRow(2, "BAM-ResNet-50", "bam_resnet50", 25.9, U, top1=77.3, top1_mark=U),
+    PaperRow(2, "CBAM-ResNet-50", "cbam_resnet50", 28.1, U, top1=77.4, top1_mark=U),
+    PaperRow(2, "GALA-ResNet-50", "gala_resnet50", 29.4, U, top1=77.3, top1_mark=U),
+    PaperRow(2, "GE-ResNet-50 (GE-θ)", "ge_resnet50", 31.1, U, top1=77.6, top1_mark=U),
+    PaperRow(2, "AA-ResNet-50", "aa_resnet50", 25.8, U, 8.3, U, 77.7, S, 93.8, U),
+    PaperRow(3, "ResNet-34", "resnet34", 21.8, L, 7.4, L, 73.6, S, 91.5, L),
+    PaperRow(3, "SE-ResNet-34", "se_resnet34", 22.0, U, 7.4, L, 74.3, S, 91.8, U),
+    PaperRow(3, "AA-ResNet-34", "aa_resnet34", 20.7, L, 7.1, L, 74.7, S, 92.0, L),
+    PaperRow(3, "ResNet-50", "resnet50", 25.6, L, 8.2, L, 76.4, S, 93.1, L),
+    PaperRow(3, "SE-ResNet-50", "se_resnet50", 28.1, L, 8.2, L, 77.5, S, 93.7, L),
+    PaperRow(3, "AA-ResNet-50", "aa_resnet50", 25.8, L, 8.3, L, 77.7, S, 93.8, L),
+    PaperRow(3, "ResNet-101", "resnet101", 44.5, L, 15.6, L, 77.9, S, 94.0, L),
+    PaperRow(3, "SE-ResNet-101", "se_resnet101", 49.3, U, 15.6, U, 78.4, S, 94.2, U),
+    PaperRow(3, "AA-ResNet-101", "aa_resnet101", 45.4, L, 16.1, L, 78.7, S, 94.4, L),
+    PaperRow(3, "ResNet-152", "resnet152", 60.2, U, 23.0, U, 78.4, S, 94.2, U),
+    PaperRow(3, "SE-ResNet-152", "se_resnet152", 66.8, U, 23.1, U, 78.9, S, 94.5, U),
+    PaperRow(3, "AA-ResNet-152", "aa_resnet152", 61.6, U, 23.8, U, 79.1, S, 94.6, U),
+    PaperRow(4, "MnasNet-0.75", "mnasnet_0.75", 2.91, U, None, "", 73.3, U, 91.3, U),
+    PaperRow(4, "AA-MnasNet-0.75", "aa_mnasnet_0.75", 3.02, U, None, "", 73.9, U, 91.6, U),
+    PaperRow(4, "MnasNet-1.0", "mnasnet_1.0", 3.89, U, None, "", 75.2, U, 92.4, U),
+    PaperRow(4, "AA-MnasNet-1.0", "aa_mnasnet_1.0", 4.06, U, None, "", 75.7, U, 92.6, U),
+    PaperRow(4, "MnasNet-1.25", "mnasnet_1.25", 5.26, U, None, "", 76.7, U, 93.2, U),
+    PaperRow(4, "AA-MnasNet-1.25", "aa_mnasnet_1.25", 5.53, U, None, "", 77.2, U, 93.6, U),
+    PaperRow(4, "MnasNet-1.4", "mnasnet_1.4", 6.10, U, None, "", 77.2, U, 93.5, U),
+    PaperRow(4, "AA-MnasNet-1.4", "aa_mnasnet_1.4", 6.44, U, None, "", 77.7, U, 93.8, U),
+    PaperRow(6, "FA ResNet-50 κ=υ=0.25", "fa_resnet50_0.25", 24.3, U, 7.9, U, 77.7, U, 93.8, U),
+    PaperRow(6, "FA ResNet-50 κ=υ=0.5", "fa_resnet50_0.5", 22.3, U, 7.3, U, 77.3, U, 93.6, U),
+    PaperRow(6, "FA ResNet-50 κ=υ=0.75", "fa_resnet50_0.75", 20.7, U, 6.8, U, 76.7, U, 93.2, U),
+    PaperRow(6, "FA ResNet-50 κ=υ=1.0", "fa_resnet50_1.0", 19.4, U, 6.3, U, 73.9, U, 91.5, U),
+    # Table 7: the AA-ResNet-34 row is unsure, the AA-ResNet-50 row likely.
+    _encoding_row(34, "none", 74.4, 91.9, U),
+    _encoding_row(34, "sine", 74.4, 92.0, U),
+    _encoding_row(34, "coordconv", 74.4, 92.0, U),
+    _encoding_row(34, "relative", 74.7, 92.0, U),
+    _encoding_row(50, "none", 77.5, 93.7, L),
+    _encoding_row(50, "sine", 77.5, 93.7, L),
+    _encoding_row(50, "coordconv", 77.5, 93.8, L),
+    _encoding_row(50, "relative", 77.7, 93.8, L),
 )
+del S, L, U
+
+
+def is_implemented(row: PaperRow) -> bool:
+  """Whether the row's model is in this codebase's registry."""
+  return row.model in list_models()
+
+
+def table_rows(table: int) -> list[PaperRow]:
+  """The rows of ``table`` in the paper's order, implemented or not."""
+  return [row for row in PAPER_ROWS if row.table == table]
+
+
+def config_spec(row: PaperRow) -> str:
+  """``'<config file>:<arg>'`` that trains the row (``train.py --config=...``)."""
+  return f"{TABLE_CONFIGS[row.table]}:{row.config_arg or row.model}"
+
+
+def create_row_model(row: PaperRow, dtype=None):
+  """The row's model at its table's class count (f32 unless ``dtype``)."""
+  _, classes = TABLE_INPUTS[row.table]
+  kwargs = {} if dtype is None else {"dtype": dtype}
+  return create_model(row.model, classes, **kwargs, **dict(row.overrides))
 
 
 def model_params(row: PaperRow) -> int:
   """Our parameter count for a table row."""
-  size, classes = TABLE_INPUTS[row.table]
-  return count_params(create_model(row.model, classes), (1, size, size, 3))
+  size, _ = TABLE_INPUTS[row.table]
+  return count_params(create_row_model(row), (1, size, size, 3))
 
 
 def model_gflops(row: PaperRow, convention: str = "dense") -> float:
   """Our per-image GFLOPs for a table row."""
-  size, classes = TABLE_INPUTS[row.table]
-  return count_flops(create_model(row.model, classes), (1, size, size, 3), convention) / 1e9
+  size, _ = TABLE_INPUTS[row.table]
+  return count_flops(create_row_model(row), (1, size, size, 3), convention) / 1e9
 
 
-def _relative(ours: float, paper: Optional[float]) -> str:
+def relative_difference(ours: float, paper: Optional[float]) -> str:
+  """``'+1.23%'``, or ``''`` when the paper has no number."""
   return "" if paper is None else f"{100 * (ours - paper) / paper:+.2f}%"
+
+
+def with_mark(value: Optional[float], mark: str, digits: int = 1, unit: str = "") -> str:
+  """``'77.7 [sure]'``, or ``'—'`` when the paper has no number."""
+  return "—" if value is None else f"{value:.{digits}f}{unit} [{mark}]"
+
+
+def not_implemented_note(table: int) -> str:
+  """A line naming the table's rows whose model is not in the registry (or ``''``)."""
+  missing = [row.label for row in table_rows(table) if not is_implemented(row)]
+  return f"Not implemented in this codebase: {', '.join(missing)}." if missing else ""
 
 
 def format_tables(tables: Sequence[int], with_flops: bool = True) -> str:
@@ -94,30 +175,33 @@ def format_tables(tables: Sequence[int], with_flops: bool = True) -> str:
   lines = []
   for table in tables:
     size, classes = TABLE_INPUTS[table]
-    lines += ["", f"Table {table} ({size}x{size} px, {classes} classes)", ""]
+    lines += ["", f"Table {table}: {TABLE_TITLES[table]} ({size}x{size} px, {classes} classes)",
+              ""]
     header = "| model | name | paper params | ours | diff |"
     rule = "|---|---|---|---|---|"
     if with_flops:
       header += " paper GFlops | ours (dense) | diff | ours (XLA) |"
       rule += "---|---|---|---|"
     lines += [header, rule]
-    for row in (r for r in PAPER_ROWS if r.table == table):
+    for row in filter(is_implemented, table_rows(table)):
       params = model_params(row) / 1e6
-      line = (f"| {row.label} | {row.model} | {row.params_m:.2f}M [{row.params_mark}] | "
-              f"{params:.3f}M | {_relative(params, row.params_m)} |")
+      line = (f"| {row.label} | {row.model} | {with_mark(row.params_m, row.params_mark, 2, 'M')}"
+              f" | {params:.3f}M | {relative_difference(params, row.params_m)} |")
       if with_flops:
         dense = model_gflops(row, "dense")
         xla = model_gflops(row, "xla")
-        paper = "—" if row.gflops is None else f"{row.gflops:.1f} [{row.gflops_mark}]"
-        line += f" {paper} | {dense:.2f} | {_relative(dense, row.gflops)} | {xla:.2f} |"
+        line += (f" {with_mark(row.gflops, row.gflops_mark)} | {dense:.2f} | "
+                 f"{relative_difference(dense, row.gflops)} | {xla:.2f} |")
       lines.append(line)
+    if not_implemented_note(table):
+      lines += ["", not_implemented_note(table)]
   return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--tables", default="1,2,3,4,6",
-                      help="comma-separated table numbers among 1, 2, 3, 4, 6")
+  parser.add_argument("--tables", default="1,2,3,4,6,7",
+                      help="comma-separated table numbers among 1, 2, 3, 4, 6, 7")
   parser.add_argument("--no-flops", action="store_true", help="parameters only (faster)")
   args = parser.parse_args(argv)
   try:

@@ -1,18 +1,18 @@
 """Training and evaluation: the train state, the jitted steps, the loop, ``train_and_evaluate``.
 
-Data flow: config -> ``InputPipeline`` (per-process uint8 batches) ->
-``parallel.DeviceBatches`` (global batches sharded on ``data``, transferred ahead) -> jitted
-``train_step`` (state replicated and donated) -> metrics, checkpoints. Under ``jax.jit``
-BatchNorm statistics are over the global batch.
+Data flow: config -> ``InputPipeline`` (per-process uint8 batches) -> ``parallel.global_batch``
+(sharded on ``data``) -> jitted ``train_step`` (state replicated and donated) -> metrics,
+checkpoints. Under ``jax.jit`` BatchNorm statistics are over the global batch.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
+import errno
 import math
-import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import flax.linen as nn
@@ -22,9 +22,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
-from aa_flax import config_utils, optim, parallel
+from aa_flax import config_utils, optim, parallel, storage
 from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
+from aa_flax.preemption import PreemptionWatcher
 
 EVAL_RESULTS_FILE = "eval_results.json"
 CONFIG_FILE = "config.json"
@@ -69,8 +71,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     seed: int, skip_nonfinite: bool) -> Callable:
   """``(state, batch) -> (state, metrics)`` for a batch ``{'image': uint8 [B,H,W,C],
   'label': int32 [B]}``. Metrics (f32 scalars): loss, accuracy, learning_rate, grad_norm,
-  finite (1 if loss and gradients are finite). With ``skip_nonfinite`` a non-finite step
-  leaves params, BN statistics and optimizer state unchanged (the step counter advances)."""
+  finite (1 if the loss, the gradients and everything a checkpoint saves after the update
+  -- params, BN statistics, optimizer state -- are finite) and finite_update (1 if that
+  updated state is). With ``skip_nonfinite`` a non-finite step leaves params, BN statistics
+  and optimizer state unchanged (the step counter advances)."""
   dropout_root = jax.random.key(seed + 1)
 
   def train_step(state: TrainState, batch):
@@ -89,9 +93,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    finite_update = _all_finite((new_state.params, new_state.batch_stats, new_state.opt_state))
+    finite = jnp.isfinite(loss) & _all_finite(grads) & finite_update
     if skip_nonfinite:
       kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                           (new_state.params, new_state.batch_stats, new_state.opt_state),
@@ -103,6 +109,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
         "grad_norm": _global_norm(grads),
         "finite": finite.astype(jnp.float32),
+        "finite_update": finite_update.astype(jnp.float32),
     }
     return new_state, metrics
 
@@ -133,13 +140,17 @@ def make_eval_step(model: nn.Module, *, mean, std, dtype) -> Callable:
   return eval_step
 
 
-def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh) -> dict[str, float]:
+def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh,
+             should_stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
   """One pass over the eval split, each example exactly once (padding masked, all hosts).
 
-  Returns ``top1``, ``top5`` (fractions), ``loss`` (mean) and ``num_examples``.
+  Returns ``top1``, ``top5`` (fractions), ``loss`` (mean) and ``num_examples``, or ``None``
+  if ``should_stop()`` (asked before every batch, on every process) turned true.
   """
   totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
   for local_batch in pipeline.eval_batches():
+    if should_stop():
+      return None
     sums = jax.device_get(eval_step(state, parallel.global_batch(local_batch, mesh)))
     for key in totals:
       totals[key] += float(sums[key])
@@ -149,36 +160,83 @@ def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh) -> dict[str
 
 
 class _MetricWindow:
-  """Host-side sums of per-step train metrics between two log lines (checkpointed)."""
+  """Train metrics between two log lines, and the non-finite policy (checkpointed).
+
+  ``add`` queues a step's device metrics; ``flush`` fetches them. A step whose ``finite``
+  metric is 0 is counted in ``skipped`` and left out of the means under ``on_nonfinite=
+  'skip'``; under ``'stop'`` ``flush`` returns it (the first one) and keeps nothing after it.
+  """
 
   KEYS = ("loss", "accuracy", "grad_norm")
 
-  def __init__(self, saved: dict[str, float] | None = None):
+  def __init__(self, on_nonfinite: str, saved: dict[str, float] | None = None,
+               skipped: int = 0):
     saved = saved or {}
-    self.sums = {key: float(saved.get(key, 0.0)) for key in self.KEYS}
+    self.on_nonfinite = on_nonfinite
+    self.skipped = skipped
+    self.sums = {key: float(saved.get(key) or 0.0) for key in self.KEYS}
     self.count = int(saved.get("count", 0))
-    self.learning_rate = float(saved.get("learning_rate", 0.0))
+    self.learning_rate = float(saved.get("learning_rate") or 0.0)
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
 
-  def add(self, metrics: dict[str, float]) -> None:
-    for key in self.KEYS:
-      self.sums[key] += float(metrics[key])
-    self.learning_rate = float(metrics["learning_rate"])
-    self.count += 1
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self._pending.append((step, metrics))
 
-  def means(self) -> dict[str, float]:
-    return {**{key: value / max(self.count, 1) for key, value in self.sums.items()},
+  def flush(self) -> tuple[int, dict[str, float]] | None:
+    """Folds the queued steps into the sums; returns ``(step, metrics)`` of a non-finite
+    step that must stop the run, else ``None``."""
+    pending, self._pending = self._pending, []
+    for step, metrics in jax.device_get(pending):
+      if metrics["finite"] < 1:
+        if self.on_nonfinite == "stop":
+          return step, metrics
+        self.skipped += 1
+        logging.warning("Skipped the update of step %d: %s.", step, _nonfinite_cause(metrics))
+      else:
+        for key in self.KEYS:
+          self.sums[key] += float(metrics[key])
+        self.count += 1
+      self.learning_rate = float(metrics["learning_rate"])
+    return None
+
+  def means(self) -> dict[str, float | None]:
+    """Means over the kept steps (``None`` when every step was skipped), the last LR."""
+    return {**{key: value / self.count if self.count else None
+               for key, value in self.sums.items()},
             "learning_rate": self.learning_rate}
+
+  def next_window(self) -> "_MetricWindow":
+    """An empty window that carries on the skip count (call after ``flush``)."""
+    return _MetricWindow(self.on_nonfinite, skipped=self.skipped)
 
   def state(self) -> dict[str, float]:
     return {**self.sums, "count": self.count, "learning_rate": self.learning_rate}
 
 
-def _data_wait(wait_s: float, elapsed_s: float, steps: int) -> dict[str, float]:
-  """Time the loop spent waiting for input batches (console only: metrics.jsonl stays a
-  function of the config): ``data_wait_ms`` per step and ``data_wait_fraction`` of the wall
-  time. A fraction near 1 means the input pipeline, not the devices, bounds the step."""
-  return {"data_wait_ms": 1e3 * wait_s / max(steps, 1),
-          "data_wait_fraction": min(1.0, wait_s / max(elapsed_s, 1e-9))}
+def _nonfinite_cause(metrics: dict[str, float]) -> str:
+  finite_gradients = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+  if metrics["finite_update"] < 1 and finite_gradients:
+    return ("the loss and gradients were finite but the updated parameters, BatchNorm "
+            "statistics or optimizer state were not")
+  return (f"non-finite loss or gradients (loss={metrics['loss']}, "
+          f"grad_norm={metrics['grad_norm']})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What the training loop reads and never rebinds."""
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  total_steps: int
+  train_step: Callable
+  eval_step: Callable
+  pipeline: Any
+  mesh: Any
+  checkpointer: Any
+  logger: Any
+  config_dict: dict[str, Any]
+  provenance: dict[str, Any]  # saved with every checkpoint: device count, data fingerprint
+  is_main: bool
 
 
 def _num_train_steps(config, steps_per_epoch: float) -> int:
@@ -222,12 +280,21 @@ def _state_bytes(abstract_state) -> int:
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-  temporary = f"{path}.tmp"
-  with open(temporary, "w") as handle:
-    json.dump(payload, handle, indent=2, sort_keys=True)
-    handle.write("\n")
-  os.replace(temporary, path)
+def _check_batch_fits(config, splits) -> None:
+  if config.batch_size > len(splits.train):
+    raise ConfigError(f"config.batch_size={config.batch_size} is larger than the training set "
+                      f"({len(splits.train)} examples); use at most {len(splits.train)}.")
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_workdir_error(workdir) -> Iterator[None]:
+  try:
+    yield
+  except OSError as error:
+    if error.errno != errno.ENOSPC:
+      raise
+    raise WorkdirError(f"No space left on the device of {workdir} ({error}). Free space and "
+                       "rerun to resume from the last complete checkpoint.") from error
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -236,8 +303,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: a config built on ``aa_flax.config_utils.base_config()`` (see ``configs/``).
-    workdir: checkpoints, ``metrics.jsonl``, ``eval_results.json``, ``config.json`` and
-      TensorBoard events go here.
+    workdir: a local path or a cloud URL (``gs://bucket/run``; see ``aa_flax.storage``).
+      Checkpoints, ``metrics.jsonl``, ``eval_results.json``, ``config.json`` and TensorBoard
+      events go here; ``run.lock`` keeps a second run out while this one runs.
     model: optional flax module to train instead of ``config.model`` (same call convention
       as the registry's models); ``config.model`` is then only recorded.
 
@@ -250,16 +318,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ConfigError, DataError, DatasetNotFoundError, ConfigMismatchError, WorkdirError,
     NonFiniteError (see ``aa_flax.errors``).
   """
-  from aa_flax.checkpoint import Checkpointer, check_resume_config, check_workdir
+  from aa_flax.checkpoint import Checkpointer
   from aa_flax.data import InputPipeline, load_splits, resolve_num_workers
   from aa_flax.metric_logging import MetricLogger
-  from aa_flax.preemption import PreemptionWatcher
+  from aa_flax.workdir_lock import workdir_lock
 
   config_utils.validate_config(config)
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
   splits = load_splits(config.data, seed=config.seed)  # fails before anything is written
+  _check_batch_fits(config, splits)
   image_size = _image_size(config, splits)
   pipeline = InputPipeline(
       splits, global_batch_size=config.batch_size, eval_global_batch_size=config.eval_batch_size,
@@ -295,47 +364,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       abstract_state, state_sharding)
 
   is_main = jax.process_index() == 0
-  state_bytes = _state_bytes(abstract_state)
-  check_workdir(workdir, state_bytes * (config.keep_checkpoints + 1))
-  checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
-                              async_save=config.async_checkpointing)
-  config_dict = config_utils.config_to_dict(config)
+  workdir = storage.path(workdir)
+  storage.check_workdir(workdir, _state_bytes(abstract_state) * (config.keep_checkpoints + 1))
   norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
   eval_step = jax.jit(make_eval_step(model, **norm),
                       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                       out_shardings=parallel.replicated(mesh))
-  try:
-    if config.eval_only:
-      return _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline,
-                            mesh, is_main)
-    restored = checkpointer.restore_latest(
-        abstract_state, check_config=lambda saved: check_resume_config(
-            saved, config, config.allow_config_mismatch))
-    if restored is None:
-      state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
-      extra: dict[str, Any] = {}
-      start_step = 0
-    else:
-      state, extra, start_step = restored.state, restored.extra, restored.step
-      logging.info("Resumed from %s (step %d).", restored.path, start_step)
-    if is_main:
-      _write_json(os.path.join(workdir, CONFIG_FILE), config_dict)
-    train_step = jax.jit(
-        make_train_step(model, tx, learning_rate, label_smoothing=config.label_smoothing,
-                        seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip", **norm),
-        in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-        out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
-    logger = MetricLogger(workdir, enabled=is_main, resume_step=start_step)
-    # A run resumed at the last step redoes its final eval, so that eval's record goes too.
-    logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)
+  with workdir_lock(workdir), _disk_full_is_a_workdir_error(workdir):
+    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                async_save=config.async_checkpointing)
     try:
-      return _train_loop(config, workdir, state, extra, start_step, total_steps, train_step,
-                         eval_step, pipeline, mesh, checkpointer, logger, config_dict, is_main,
-                         PreemptionWatcher)
+      if config.eval_only:
+        return _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step,
+                              pipeline, mesh, is_main)
+      restored = _resume(config, splits.fingerprint, checkpointer, abstract_state, total_steps)
+      if restored is None:
+        state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
+        extra: dict[str, Any] = {}
+        start_step = 0
+      else:
+        state, extra, start_step = restored.state, restored.extra, restored.step
+      config_dict = config_utils.config_to_dict(config)
+      if is_main:
+        storage.write_json(workdir / CONFIG_FILE, config_dict)
+      train_step = jax.jit(
+          make_train_step(model, tx, learning_rate, label_smoothing=config.label_smoothing,
+                          seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
+                          **norm),
+          in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+          out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+      logger = MetricLogger(workdir, enabled=is_main, resume_step=start_step)
+      # A run resumed at the last step redoes its final eval, so that eval's record goes too.
+      logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)
+      try:
+        run = _Run(config=config, workdir=workdir, total_steps=total_steps,
+                   train_step=train_step, eval_step=eval_step, pipeline=pipeline, mesh=mesh,
+                   checkpointer=checkpointer, logger=logger, config_dict=config_dict,
+                   provenance={"num_devices": jax.device_count(),
+                               "data_fingerprint": splits.fingerprint},
+                   is_main=is_main)
+        return _train_loop(run, state, start_step, extra)
+      finally:
+        logger.close()
     finally:
-      logger.close()
-  finally:
-    checkpointer.close()
+      checkpointer.close()
+
+
+def _resume(config, data_fingerprint: str, checkpointer, abstract_state, total_steps: int):
+  """The newest usable checkpoint (``checkpoint.Restored``) once its config, data and step
+  fit this run, or ``None`` to start afresh. Its ``extra`` always has ``data_position``."""
+
+  def check(saved_config: dict[str, Any], saved_extra: dict[str, Any]) -> None:
+    differences = config_utils.resume_differences(saved_config, config)
+    saved_fingerprint = saved_extra.get("data_fingerprint", "")
+    if saved_fingerprint and saved_fingerprint != data_fingerprint:
+      differences.append(("data.npz_contents", saved_fingerprint, data_fingerprint))
+    config_utils.check_resume_config(differences, config.allow_config_mismatch)
+
+  restored = checkpointer.restore_latest(abstract_state, check_resume=check)
+  if restored is None:
+    return None
+  if restored.step > total_steps:
+    raise ConfigError(f"Checkpoint {restored.path} is at step {restored.step}, past the "
+                      f"{total_steps} steps this config trains for; a run cannot resume "
+                      "beyond its end. Evaluate it with config.eval_only=True, or use a new "
+                      "--workdir.")
+  saved_devices = restored.extra.get("num_devices")
+  if saved_devices and saved_devices != jax.device_count():
+    logging.warning("Checkpoint %s was written on %d devices and resumes on %d: training "
+                    "continues correctly, but results are no longer bitwise equal to an "
+                    "uninterrupted run.", restored.path, saved_devices, jax.device_count())
+  if "data_position" not in restored.extra:  # written before positions counted examples
+    batches = restored.extra.get("data_iterator", {}).get("next_index", 0)
+    restored.extra["data_position"] = batches * restored.config.get("batch_size", 0)
+  logging.info("Resumed from %s (step %d).", restored.path, restored.step)
+  return restored
 
 
 def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline, mesh,
@@ -347,107 +450,168 @@ def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pip
     if restored is None:
       raise WorkdirError(f"eval_only: no checkpoint in {checkpointer.directory}; set "
                          "config.checkpoint_path to a checkpoint step directory.")
-  results = {"step": restored.step, **evaluate(eval_step, restored.state, pipeline, mesh)}
+  with PreemptionWatcher() as watcher:
+    metrics = evaluate(eval_step, restored.state, pipeline, mesh, watcher.should_stop)
+  if metrics is None:
+    logging.warning("Preempted during the evaluation of %s; rerun to evaluate.", restored.path)
+    return {"step": restored.step, "preempted": True}
+  results = {"step": restored.step, **metrics}
   logging.info("Eval of %s: %s", restored.path, results)
   if is_main:
-    _write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
+    storage.write_json(workdir / EVAL_RESULTS_FILE, results)
   return {**results, "preempted": False}
 
 
-def _train_loop(config, workdir, state, extra, start_step, total_steps, train_step, eval_step,
-                pipeline, mesh, checkpointer, logger, config_dict, is_main,
-                watcher_cls) -> dict[str, Any]:
-  # Reads and transfers the next batches while a step runs; its state is that of the last
-  # batch taken, so a checkpoint resumes exactly.
-  iterator = parallel.DeviceBatches(pipeline.train_iterator(extra.get("data_iterator")), mesh)
-  window = _MetricWindow(extra.get("metric_window"))
-  skipped = int(extra.get("skipped_steps", 0))
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
-  last_saved = checkpointer.latest_step()
+def _train_loop(run: _Run, state: TrainState, start_step: int,
+                extra: dict[str, Any]) -> dict[str, Any]:
+  """Steps from ``start_step`` to ``run.total_steps``: logs, evals, checkpoints, and stops
+  after a checkpoint on SIGTERM, also during an evaluation (``preempted: True``)."""
+  config = run.config
+  position = int(extra.get("data_position", 0))  # examples of the training stream consumed
+  window = _MetricWindow(config.on_nonfinite, extra.get("metric_window"),
+                         int(extra.get("skipped_steps", 0)))
+  last_saved = run.checkpointer.latest_step()
   step = start_step
-  timer = (time.perf_counter(), step, iterator.wait_seconds)
-
-  def flush() -> None:
-    """Fetches pending step metrics; stops (or counts skips) on non-finite steps."""
-    nonlocal skipped
-    for done, metrics in jax.device_get(pending):
-      if metrics["finite"] < 1:
-        if config.on_nonfinite == "stop":
-          checkpointer.wait()
-          last = checkpointer.latest_step()
-          where = checkpointer.step_path(last) if last is not None else "none"
-          raise NonFiniteError(
-              f"Non-finite loss or gradients at step {done} (loss={metrics['loss']}, "
-              f"grad_norm={metrics['grad_norm']}). Last good checkpoint: {where}; nothing "
-              "after it was saved. Lower the learning rate, or set "
-              "config.on_nonfinite='skip' to drop such steps.")
-        skipped += 1
-        logging.warning("Skipped the update of step %d: non-finite loss or gradients.", done)
-        continue
-      window.add(metrics)
-    pending.clear()
-
-  def save(done: int) -> None:
-    nonlocal last_saved
-    flush()
-    checkpointer.save(done, state, {"data_iterator": iterator.get_state(),
-                                    "metric_window": window.state(),
-                                    "skipped_steps": skipped}, config_dict)
-    last_saved = done
-
-  def run_eval(done: int) -> dict[str, Any]:
-    results = {"step": done, **evaluate(eval_step, state, pipeline, mesh)}
-    logger.write(done, "eval", {k: v for k, v in results.items() if k != "step"})
-    logging.info("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", done,
-                 results["top1"], results["top5"], results["loss"], results["num_examples"])
-    return results
-
-  watcher = watcher_cls()
-  try:
-    while step < total_steps:
-      state, metrics = train_step(state, next(iterator))
+  # Batches are read and transferred ahead while a step runs; the position above counts the
+  # batches taken, so those in flight never affect a resume.
+  with parallel.DeviceBatches(run.pipeline.train_iterator(position), run.mesh) as batches, \
+      PreemptionWatcher() as watcher:
+    timer = _Timer.start(step, batches)
+    if extra.get("pending_eval") and step < run.total_steps:  # a preemption cut it short
+      if _evaluate_and_log(run, step, state, watcher) is None:
+        return _preempted(run, step)
+    while step < run.total_steps:
+      state, metrics = run.train_step(state, next(batches))
       step += 1
-      pending.append((step, metrics))
+      position += config.batch_size
+      window.add(step, metrics)
       if step == start_step + 1:  # keep compilation out of img/s and the ETA
         jax.block_until_ready(metrics)
-        timer = (time.perf_counter(), step, iterator.wait_seconds)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        flush()
-        means = window.means()
-        elapsed, steps_done = time.perf_counter() - timer[0], step - timer[1]
-        images_per_s = steps_done * config.batch_size / max(elapsed, 1e-9)
-        eta_s = (total_steps - step) * elapsed / max(steps_done, 1)
-        data_wait = _data_wait(iterator.wait_seconds - timer[2], elapsed, steps_done)
-        logger.write(step, "train", {**means, "skipped_steps": skipped})
-        logging.info("step %d/%d loss %.4f acc %.4f lr %.4g %.0f img/s, waiting for data "
-                     "%.1f ms/step (%.0f%%) ETA %s", step, total_steps, means["loss"],
-                     means["accuracy"], means["learning_rate"], images_per_s,
-                     data_wait["data_wait_ms"], 100 * data_wait["data_wait_fraction"],
-                     time.strftime("%H:%M:%S", time.gmtime(eta_s)))
-        window = _MetricWindow()
-        timer = (time.perf_counter(), step, iterator.wait_seconds)
+        timer = _Timer.start(step, batches)
+      if step % config.log_every_steps == 0 or step == run.total_steps:
+        _flush(run, window)
+        _check_skipped_fraction(run, step, window)
+        _log_train(run, step, window, timer, batches)
+        window = window.next_window()
+        timer = _Timer.start(step, batches)
       # Eval before save: a run killed in between redoes both after resuming.
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-        run_eval(step)
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        save(step)
-      # Several processes must agree on the stop step: a host all-gather, done at log steps
-      # (already a sync point); a single process checks its flag after every step.
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and \
+          step < run.total_steps:
+        if _evaluate_and_log(run, step, state, watcher) is None:
+          _save(run, step, state, position, window, pending_eval=True)
+          return _preempted(run, step)
+      if step % config.checkpoint_every_steps == 0 or step == run.total_steps:
+        last_saved = _save(run, step, state, position, window)
+      # Several processes must agree on the stop step and on a failed background save:
+      # host all-gathers, done at log steps (already a sync point); a single process checks
+      # after every step.
       check_stop = jax.process_count() == 1 or step % config.log_every_steps == 0
-      if step < total_steps and check_stop and watcher.should_stop():
+      if check_stop:
+        run.checkpointer.check_for_errors()
+      if step < run.total_steps and check_stop and watcher.should_stop():
         if last_saved != step:
-          save(step)
-        checkpointer.wait()
-        logging.warning("Preempted: checkpoint of step %d is on disk; rerun to resume.", step)
-        return {"step": step, "preempted": True}
-    flush()
+          _save(run, step, state, position, window)
+        return _preempted(run, step)
+    _flush(run, window)
     if last_saved != step:
-      save(step)
-    results = run_eval(step)
-    checkpointer.wait()
-    if is_main:
-      _write_json(os.path.join(workdir, EVAL_RESULTS_FILE), results)
-    return {**results, "preempted": False}
-  finally:
-    watcher.close()
-    iterator.close()
+      _save(run, step, state, position, window)
+    run.checkpointer.wait()  # the final checkpoint is on disk before the final eval
+    results = _evaluate_and_log(run, step, state, watcher)
+    if results is None:
+      return _preempted(run, step)
+  if run.is_main:
+    storage.write_json(run.workdir / EVAL_RESULTS_FILE, results)
+  return {**results, "preempted": False}
+
+
+def _preempted(run: _Run, step: int) -> dict[str, Any]:
+  run.checkpointer.wait()
+  logging.warning("Preempted: checkpoint of step %d is on disk; rerun to resume.", step)
+  return {"step": step, "preempted": True}
+
+
+def _last_good_checkpoint(run: _Run) -> str:
+  run.checkpointer.wait()
+  last = run.checkpointer.latest_step()
+  return str(run.checkpointer.step_path(last)) if last is not None else "none"
+
+
+def _flush(run: _Run, window: _MetricWindow) -> None:
+  """Fetches the window's queued metrics; raises ``NonFiniteError`` under the stop policy."""
+  bad = window.flush()
+  if bad is None:
+    return
+  step, metrics = bad
+  raise NonFiniteError(
+      f"Step {step}: {_nonfinite_cause(metrics)}. Last good checkpoint: "
+      f"{_last_good_checkpoint(run)} (every saved checkpoint holds finite values); nothing "
+      "after it was saved. Lower the learning rate, or set config.on_nonfinite='skip' to "
+      "drop such steps.")
+
+
+def _check_skipped_fraction(run: _Run, step: int, window: _MetricWindow) -> None:
+  limit = run.config.max_skipped_fraction
+  if window.skipped > limit * step:
+    raise NonFiniteError(
+        f"{window.skipped} of the first {step} steps were skipped as non-finite, more than "
+        f"config.max_skipped_fraction={limit}. Last good checkpoint: "
+        f"{_last_good_checkpoint(run)}. Lower the learning rate (or raise the limit).")
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.4f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timer:
+  """Wall time, step and time spent waiting for data at the start of a measured span."""
+  time: float
+  step: int
+  data_wait: float
+
+  @classmethod
+  def start(cls, step: int, batches: parallel.DeviceBatches) -> "_Timer":
+    return cls(time.perf_counter(), step, batches.wait_seconds)
+
+
+def _log_train(run: _Run, step: int, window: _MetricWindow, timer: _Timer,
+               batches: parallel.DeviceBatches) -> None:
+  """Writes the window's means and prints them with img/s, the time the loop waited for
+  input batches (when that nears the step time, the input pipeline bounds training) and the
+  ETA since ``timer``. The data wait stays out of metrics.jsonl, which is a function of the
+  config alone."""
+  means = window.means()
+  elapsed, steps_done = time.perf_counter() - timer.time, max(step - timer.step, 1)
+  images_per_s = steps_done * run.config.batch_size / max(elapsed, 1e-9)
+  eta_s = (run.total_steps - step) * elapsed / steps_done
+  wait = batches.wait_seconds - timer.data_wait
+  run.logger.write(step, "train", {**means, "skipped_steps": window.skipped})
+  logging.info("step %d/%d loss %s acc %s lr %.4g %.0f img/s, waiting for data %.1f ms/step "
+               "(%.0f%%) ETA %s", step, run.total_steps, _fmt(means["loss"]),
+               _fmt(means["accuracy"]), means["learning_rate"], images_per_s,
+               1e3 * wait / steps_done, 100 * min(1.0, wait / max(elapsed, 1e-9)),
+               time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+
+
+def _save(run: _Run, step: int, state: TrainState, position: int, window: _MetricWindow,
+          pending_eval: bool = False) -> int:
+  """Checks the queued steps, then starts saving ``step``; returns ``step``."""
+  _flush(run, window)
+  run.checkpointer.save(step, state, {
+      "data_position": position, "metric_window": window.state(),
+      "skipped_steps": window.skipped, "pending_eval": pending_eval, **run.provenance},
+      run.config_dict)
+  return step
+
+
+def _evaluate_and_log(run: _Run, step: int, state: TrainState, watcher) -> dict[str, Any] | None:
+  """Evaluates ``state`` and logs it; ``None`` if a preemption notice cut the pass short."""
+  metrics = evaluate(run.eval_step, state, run.pipeline, run.mesh, watcher.should_stop)
+  if metrics is None:
+    logging.warning("Preemption notice during the evaluation at step %d: stopping it.", step)
+    return None
+  results = {"step": step, **metrics}
+  run.logger.write(step, "eval", metrics)
+  logging.info("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", step,
+               results["top1"], results["top5"], results["loss"], results["num_examples"])
+  return results

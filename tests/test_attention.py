@@ -127,3 +127,39 @@ def test_relative_attention_training_memory_close_to_plain(method):
   logits_bytes = batch * heads * (size * size) ** 2 * 4
   assert plain >= logits_bytes  # sanity: the measurement sees the logits
   assert relative <= 1.3 * plain, (relative, plain)
+
+
+def _big_ops(fn, shapes, dtype):
+  """(primitive, out dtype) of every jaxpr equation whose output is a [B, N, HW, HW] array."""
+  args = [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+  batch, heads, height, width, _ = shapes[0]
+  big = (batch, heads, height * width, height * width)
+  jaxpr = jax.make_jaxpr(fn)(*args)
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      for out in eqn.outvars:
+        if tuple(out.aval.shape) == big:
+          yield eqn.primitive.name, out.aval.dtype
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", None)
+        if inner is not None:
+          yield from walk(getattr(inner, "jaxpr", inner))
+
+  return list(walk(jaxpr.jaxpr))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softmax_normalised_after_the_value_product(dtype):
+  """The [B, N, HW, HW] weights are never divided (the [B, N, HW, d_v] output is), and on CPU,
+  whose XLA has no bf16 matmul, they are not rounded to bf16 for the value product."""
+  shapes = [(2, 4, 6, 5, 8)] * 2 + [(2, 4, 6, 5, 2), (11, 8), (9, 8)]
+
+  def loss(q, k, v, rel_h, rel_w):
+    return jnp.sum(attention.multihead_attention_2d(q, k, v, rel_h, rel_w).astype(jnp.float32))
+
+  ops = _big_ops(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), shapes, dtype)
+  assert ops, "the program should hold [B, N, HW, HW] logits"
+  assert not [op for op in ops if op[0] == "div"], ops
+  if jax.default_backend() == "cpu":
+    assert not [op for op in ops if op[1] == jnp.bfloat16], ops

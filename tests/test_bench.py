@@ -14,7 +14,7 @@ from aa_flax import attention
 # benchmarks/ is a top-level package of the repository, not of the installed aa_flax: make the
 # repository root importable also when pytest is started as `pytest` rather than `python -m`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import bench_attention, bench_train, gpu_check  # noqa: E402
+from benchmarks import bench_attention, bench_checkpoint, bench_train, gpu_check  # noqa: E402
 
 
 def test_naive_explicit_table_matches_attention():
@@ -171,3 +171,14 @@ def test_bench_train_input_gap_feeds_the_real_pipeline():
   assert [r["feed"] for r in rows] == ["synthetic", "pipeline", "pipeline_inline"]
   assert rows[0]["gap_ms"] == 0 and rows[0]["wait_ms"] == 0
   assert all(r["step_ms"] > 0 and r["wait_ms"] >= 0 for r in rows)
+
+
+def test_bench_checkpoint_times_saves_and_restores_with_and_without_digest(tmp_path):
+  state = {"params": {"kernel": jnp.ones((64, 32))}, "momentum": {"kernel": jnp.zeros((64, 32))}}
+  rows = bench_checkpoint.run(str(tmp_path), reps=1, state=state)
+  assert [(r["operation"], r["digest"]) for r in rows] == [
+      ("save", False), ("restore", False), ("save", True), ("restore", True),
+      ("write_digest only", True), ("verify_digest only", True)]
+  assert all(r["seconds"] > 0 for r in rows)
+  assert not list((tmp_path / "digest_False").rglob("aa_flax_digest.json"))
+  assert list((tmp_path / "digest_True").rglob("aa_flax_digest.json"))

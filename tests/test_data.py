@@ -110,6 +110,30 @@ def test_npz_missing_keys_unreadable_and_unmatched_files(tmp_path):
     load_npz_files(f"{tmp_path}/a.npz,{tmp_path}/b.npz")
 
 
+def test_files_that_are_not_npz_archives_are_named_plainly(tmp_path):
+  (tmp_path / "labels.npz").write_text("image,label\n0,1\n")
+  with pytest.raises(DataError) as error:
+    load_npz_files(str(tmp_path / "labels.npz"))
+  message = str(error.value)
+  assert "labels.npz cannot be read as an .npz archive: it is not a zip archive" in message
+  assert "np.savez(path, images=images, labels=labels)" in message
+  assert "pickle" not in message
+  np.save(tmp_path / "images.npy", np.zeros((2, 4, 4, 1), np.uint8))
+  with pytest.raises(DataError, match="it is a single .npy array, not an archive of arrays"):
+    load_npz_files(str(tmp_path / "images.npy"))
+
+
+def test_npz_fingerprint_changes_with_contents_behind_the_same_path(tmp_path):
+  images = np.zeros((4, 4, 4, 1), np.uint8)
+  path = _write_npz(tmp_path / "train.npz", images, np.array([0, 1, 2, 3]))
+  config = _data_config(name="npz", train_files=path, eval_files=path)
+  before = load_splits(config, seed=0).fingerprint
+  assert len(before) == 16 and load_splits(config, seed=0).fingerprint == before
+  _write_npz(tmp_path / "train.npz", images, np.array([0, 1, 3, 2]))  # two labels swapped
+  assert load_splits(config, seed=0).fingerprint != before
+  assert load_splits(_data_config(name="digits"), seed=0).fingerprint == ""
+
+
 def test_unknown_dataset_lists_valid_names():
   with pytest.raises(ConfigError, match="Unknown dataset config.data.name='imagenet'.*digits"):
     load_splits(_data_config(name="imagenet"), seed=0)
@@ -187,19 +211,28 @@ def test_train_stream_is_deterministic_and_process_shards_partition_it():
       np.testing.assert_array_equal(images[int(label)], image)  # same flips on any layout
 
 
-def test_train_iterator_state_resumes_exactly():
-  pipeline = InputPipeline(_splits(num_train=13, num_eval=4), global_batch_size=4,
-                           eval_global_batch_size=4, image_size=(6, 5), augment="flip", seed=1)
-  iterator = pipeline.train_iterator()
-  for _ in range(5):
-    next(iterator)
-  state = iterator.get_state()
-  expected = [next(iterator) for _ in range(4)]
-  resumed = pipeline.train_iterator(state)
-  for want in expected:
-    got = next(resumed)
-    np.testing.assert_array_equal(got["label"], want["label"])
-    np.testing.assert_array_equal(got["image"], want["image"])
+def test_train_stream_resumes_at_an_example_position_with_any_batch_size():
+  """A run stopped after 5 batches of 4 resumes at example 20 with batches of 8 or 2 (or
+  on 2 processes) and reads exactly the examples, with the same flips, that follow."""
+  splits = _splits(num_train=13, num_eval=4)
+
+  def pipeline(batch, **kwargs):
+    return InputPipeline(splits, global_batch_size=batch, eval_global_batch_size=4,
+                         image_size=(6, 5), augment="flip", seed=1, **kwargs)
+
+  iterator = pipeline(4).train_iterator()
+  stream = [next(iterator) for _ in range(9)]
+  expected_labels = np.concatenate([b["label"] for b in stream[5:]])  # examples 20..35
+  expected_images = np.concatenate([b["image"] for b in stream[5:]])
+  for batch, count in ((8, 2), (2, 8)):
+    resumed = pipeline(batch).train_iterator(start=20)
+    got = [next(resumed) for _ in range(count)]
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in got]), expected_labels)
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in got]), expected_images)
+  shards = [pipeline(8, process_index=p, process_count=2).train_iterator(start=20)
+            for p in range(2)]
+  first = np.concatenate([next(shard)["label"] for shard in shards])
+  assert sorted(first) == sorted(expected_labels[:8])
 
 
 @pytest.mark.parametrize("num_eval, global_batch, processes", [
@@ -307,15 +340,14 @@ def _imagenet_pipeline(data_dir, num_workers, **kwargs):
 
 
 def test_worker_processes_make_the_same_batches_and_resume_exactly(small_imagenet):
-  """Batches from 2 worker processes equal the in-process ones; a state saved with workers
-  restores without them to the same next batch (5 batches = 15 examples, into epoch 2)."""
+  """Batches from 2 worker processes equal the in-process ones; a resume from the position
+  after 2 batches (6 examples) without workers reads the same next batches (5 batches = 15
+  examples, into epoch 2)."""
   with _imagenet_pipeline(small_imagenet, 0).train_iterator() as threads:
     want = [next(threads) for _ in range(5)]
   with _imagenet_pipeline(small_imagenet, 2).train_iterator() as workers:
     got = [next(workers), next(workers)]
-    state = workers.get_state()
-  assert state == {"next_index": 2}
-  with _imagenet_pipeline(small_imagenet, 0).train_iterator(state) as resumed:
+  with _imagenet_pipeline(small_imagenet, 0).train_iterator(start=6) as resumed:
     got += [next(resumed) for _ in range(3)]
   for batch, expected in zip(got, want):
     np.testing.assert_array_equal(batch["label"], expected["label"])
@@ -369,26 +401,21 @@ class _SlowBatches:
     self.next_index += 1
     return {"image": np.full((8, 2), b, np.uint8), "label": np.full((8,), b, np.int32)}
 
-  def get_state(self):
-    return {"next_index": self.next_index}
 
-
-def test_device_batches_are_global_in_order_and_their_state_counts_taken_batches():
+def test_device_batches_are_global_in_order_and_read_ahead():
   import jax
   from aa_flax import parallel
   mesh = parallel.create_mesh()
   host = _SlowBatches()
   with parallel.DeviceBatches(host, mesh, ahead=3) as batches:
-    assert batches.get_state() == {"next_index": 0}
     for b in range(4):
       batch = next(batches)
       assert isinstance(batch["image"], jax.Array) and batch["image"].shape == (8, 2)
       assert batch["label"].sharding.is_equivalent_to(parallel.batch_sharded(mesh), 1)
       np.testing.assert_array_equal(np.asarray(batch["label"]), np.full(8, b))
-      assert batches.get_state() == {"next_index": b + 1}
     import time
     time.sleep(0.2)
-    assert host.next_index > 4  # read ahead, yet the state names the next batch to take
+    assert host.next_index > 4  # read ahead of the batches taken
 
 
 def test_device_batches_count_waiting_and_raise_host_errors():

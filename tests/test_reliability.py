@@ -5,10 +5,16 @@ The subprocess runs use ``train.py`` with the tiny digits config (``test_train_s
 for 160 steps; resumed runs must end bitwise identical to the uninterrupted one.
 """
 
+import json
 import random
+import re
+import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -20,7 +26,7 @@ import pytest
 
 import aa_flax
 from aa_flax.data import InputPipeline, load_splits
-from aa_flax.errors import ConfigMismatchError, NonFiniteError, WorkdirError
+from aa_flax.errors import ConfigError, ConfigMismatchError, NonFiniteError, WorkdirError
 from aa_flax.preemption import EXIT_PREEMPTED
 from test_train_support import (assert_trees_equal, final_state, read_json, read_jsonl,
                                 run_train_py, subprocess_env, tiny_config, train_py_command,
@@ -77,6 +83,11 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(reference_run, tmp_pat
   process = _start(tmp_path)
   reached = _wait_for_step(process, tmp_path, 15)  # a chosen step, between two checkpoints
   assert reached, f"run ended early: {process.stderr.read()[-3000:]}"
+  process.send_signal(signal.SIGSTOP)  # holds the lock, alive, until SIGCONT
+  with pytest.raises(WorkdirError, match=rf"is in use by another run \(host .*, pid "
+                                         rf"{process.pid},"):  # one run per workdir
+    aa_flax.train_and_evaluate(tiny_config(), str(tmp_path))
+  process.send_signal(signal.SIGCONT)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
@@ -93,6 +104,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(reference_run, tmp_pat
 def test_sigkill_and_sigterm_at_random_points_resume_bitwise(reference_run, tmp_path):
   """Kills land anywhere, saves included (a checkpoint every 5 steps, async)."""
   rng = random.Random(1234)
+  took_over = []  # did a run that followed a SIGKILL take over the lock the killed run left?
+  previous_killed = False
   for sig in (signal.SIGKILL, signal.SIGKILL, signal.SIGTERM):
     process = _start(tmp_path, "--config.checkpoint_every_steps=5")
     # The run has started training once it logs past what earlier runs logged.
@@ -100,8 +113,12 @@ def test_sigkill_and_sigterm_at_random_points_resume_bitwise(reference_run, tmp_
       time.sleep(rng.uniform(0.0, 0.5))
     if process.poll() is None:
       process.send_signal(sig)
-    process.communicate(timeout=120)
+    stderr = process.communicate(timeout=120)[1]
     assert process.returncode in (-signal.SIGKILL, EXIT_PREEMPTED, 0), process.returncode
+    if previous_killed:
+      took_over.append("Taking over the lock" in stderr and "no longer exists" in stderr)
+    previous_killed = process.returncode == -signal.SIGKILL
+  assert took_over and all(took_over)
   run = run_train_py(tmp_path, *LONG_RUN)
   assert run.returncode == 0, run.stderr[-3000:]
   _assert_same_run(tmp_path, reference_run)
@@ -117,7 +134,14 @@ def test_rerunning_a_finished_run_changes_nothing(reference_run, tmp_path):
   _assert_same_run(workdir, reference_run)
 
 
-def test_truncated_newest_checkpoint_falls_back_to_previous(reference_run, tmp_path):
+def _flip_one_bit(path: Path, byte: int) -> None:
+  data = bytearray(path.read_bytes())
+  data[byte] ^= 0x10
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_one_bit"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(reference_run, tmp_path, damage):
   workdir = tmp_path / "w"
   shutil.copytree(reference_run, workdir)
   (workdir / "eval_results.json").unlink()
@@ -125,26 +149,69 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(reference_run, tmp_p
   data_files = sorted((f for f in (newest / "state").rglob("*") if f.is_file()),
                       key=lambda f: f.stat().st_size)
   victim = data_files[-1]
-  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  if damage == "truncate":
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  else:  # still parses: only the digest can tell
+    _flip_one_bit(victim, victim.stat().st_size // 2)
   run = run_train_py(workdir, *LONG_RUN)
   assert run.returncode == 0, run.stderr[-3000:]
   assert f"Checkpoint step {STEPS} is unreadable" in run.stderr
   assert f"Resumed from {workdir / 'checkpoints' / str(STEPS - 40)}" in run.stderr
   quarantined = list((workdir / "corrupt_checkpoints").iterdir())
   assert [p.name.split("-")[0] for p in quarantined] == [str(STEPS)]
+  assert "DigestMismatchError" in (quarantined[0] / "aa_flax_quarantine_reason.txt").read_text()
   _assert_same_run(workdir, reference_run)
 
 
+def test_one_flipped_bit_in_any_checkpoint_file_is_caught(reference_run, tmp_path):
+  from aa_flax import storage
+  from aa_flax.integrity import DigestMismatchError, verify_digest
+  step_dir = tmp_path / "step"
+  shutil.copytree(reference_run / "checkpoints" / str(STEPS), step_dir)
+  assert verify_digest(storage.path(step_dir))
+  files = sorted(str(f.relative_to(step_dir)) for f in step_dir.rglob("*") if f.is_file())
+  covered = [f for f in files if f.rsplit("/", 1)[-1] not in
+             ("commit_success.txt", "_CHECKPOINT_METADATA", "aa_flax_digest.json")]
+  assert len(covered) >= 10 and any(f.startswith("state/ocdbt.process_0/d/") for f in covered)
+  assert set(files) - set(covered) == {"_CHECKPOINT_METADATA", "aa_flax_digest.json"} | {
+      f for f in files if f.endswith("commit_success.txt")}
+  rng = random.Random(0)
+  for name in covered:
+    original = (step_dir / name).read_bytes()
+    _flip_one_bit(step_dir / name, rng.randrange(len(original)))
+    with pytest.raises(DigestMismatchError, match=re.escape(name)):
+      verify_digest(storage.path(step_dir))
+    (step_dir / name).write_bytes(original)
+  assert verify_digest(storage.path(step_dir))
+
+
 class _MarkerModel(nn.Module):
-  """Linear classifier whose logits are NaN for any batch holding an all-white image."""
+  """Linear classifier that breaks on any batch holding an all-white image: its logits turn
+  NaN (``breaks='logits'``), or only a running statistic does (``breaks='batch_stats'``:
+  loss and gradients stay finite)."""
   num_classes: int = 4
+  breaks: str = "logits"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     flat = images.reshape(images.shape[0], -1)
     marker = jnp.any(jnp.all(flat > 5.0, axis=-1))  # white = (1 - 0.2) / 0.1 = 8 after norm
     logits = nn.Dense(self.num_classes)(flat)
-    return jnp.where(marker, jnp.nan, logits)
+    if self.breaks == "logits":
+      return jnp.where(marker, jnp.nan, logits)
+    count = self.variable("batch_stats", "batches_seen", jnp.zeros, ())
+    if train:
+      count.value = jnp.where(marker, jnp.nan, count.value + 1.0)
+    return logits
+
+
+class _UnusedParameterModel(nn.Module):
+  """Linear classifier plus a parameter the loss never reads (its gradient is exactly 0)."""
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    self.param("unused", nn.initializers.zeros, (3,))
+    return nn.Dense(4)(images.reshape(images.shape[0], -1))
 
 
 def _marker_data(tmp_path, num_markers=2):
@@ -174,23 +241,47 @@ def _marker_steps(config) -> list[int]:
           if (dataset[b]["image"] == 255).all(axis=(1, 2, 3)).any()]
 
 
-def test_nonfinite_step_stops_and_keeps_good_checkpoints(tmp_path):
+def _strict_json(text: str):
+  def reject(constant):
+    raise ValueError(f"non-standard JSON constant {constant}")
+  return json.loads(text, parse_constant=reject)
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.parametrize("breaks", ["logits", "batch_stats"])
+def test_nonfinite_step_stops_and_every_checkpoint_is_finite(tmp_path, breaks):
   _marker_data(tmp_path)
   config = _marker_config(tmp_path)
   bad_step = _marker_steps(config)[0]
   assert bad_step > 2, "choose data whose first marker comes after the first checkpoint"
   workdir = tmp_path / "run"
   with pytest.raises(NonFiniteError) as error:
-    aa_flax.train_and_evaluate(config, str(workdir), model=_MarkerModel())
+    aa_flax.train_and_evaluate(config, str(workdir), model=_MarkerModel(breaks=breaks))
   last_good = (bad_step - 1) // 2 * 2
   message = str(error.value)
-  assert f"at step {bad_step}" in message
+  assert f"Step {bad_step}: " in message
   assert f"Last good checkpoint: {workdir / 'checkpoints' / str(last_good)}" in message
-  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+  steps = _checkpoint_steps(workdir)
   assert steps[-1] == last_good  # nothing at or after the bad step was saved
-  for step in steps:
-    state = final_state_of(workdir, step)
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  for step in steps:  # params, batch statistics and optimizer state
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_state_of(workdir, step)))
+
+
+def test_nonfinite_update_of_finite_gradients_stops_before_any_checkpoint(tmp_path):
+  _marker_data(tmp_path, num_markers=0)
+  # RMSProp without epsilon divides the zero gradient of the unused parameter by 0.
+  config = _marker_config(tmp_path, **{"optimizer.name": "rmsprop",
+                                       "optimizer.rmsprop_eps": 0.0})
+  workdir = tmp_path / "run"
+  with pytest.raises(NonFiniteError) as error:
+    aa_flax.train_and_evaluate(config, str(workdir), model=_UnusedParameterModel())
+  assert str(error.value).startswith(
+      "Step 1: the loss and gradients were finite but the updated parameters, BatchNorm "
+      "statistics or optimizer state were not. Last good checkpoint: none")
+  assert _checkpoint_steps(workdir) == []
 
 
 def final_state_of(workdir: Path, step: int) -> dict:
@@ -200,7 +291,7 @@ def final_state_of(workdir: Path, step: int) -> dict:
 
 def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
   _marker_data(tmp_path)
-  config = _marker_config(tmp_path, on_nonfinite="skip")
+  config = _marker_config(tmp_path, on_nonfinite="skip", max_skipped_fraction=0.5)
   bad_steps = _marker_steps(config)
   assert bad_steps
   result = aa_flax.train_and_evaluate(config, str(tmp_path / "run"), model=_MarkerModel())
@@ -212,22 +303,95 @@ def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
 
 
-def test_resume_with_changed_model_or_data_is_refused_unless_allowed(tmp_path):
+def test_skip_mode_logs_null_for_skipped_windows_writes_strict_json_and_has_a_limit(tmp_path):
+  _marker_data(tmp_path)
+  config = _marker_config(tmp_path, on_nonfinite="skip", log_every_steps=1,
+                          max_skipped_fraction=1.0,
+                          **{"data.eval_files": str(tmp_path / "train.npz")})  # NaN eval loss
+  bad_steps = _marker_steps(config)
+  workdir = tmp_path / "run"
+  aa_flax.train_and_evaluate(config, str(workdir), model=_MarkerModel())
+  records = [_strict_json(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = {r["step"]: r for r in records if r["split"] == "train"}
+  for step, record in train.items():
+    if step in bad_steps:  # a window whose only step was skipped has no loss, not 0.0
+      assert [record[k] for k in ("loss", "accuracy", "grad_norm")] == [None] * 3
+      assert record["learning_rate"] > 0
+    else:
+      assert record["loss"] > 0
+  results = _strict_json((workdir / "eval_results.json").read_text())
+  assert results["loss"] is None and results["num_examples"] == 64
+  _strict_json((workdir / "config.json").read_text())
+  limited = _marker_config(tmp_path, on_nonfinite="skip", max_skipped_fraction=0.01)
+  first_log = -(-bad_steps[0] // 4) * 4  # the first log step (every 4) after a skipped step
+  skipped = sum(step <= first_log for step in bad_steps)
+  with pytest.raises(NonFiniteError, match=rf"{skipped} of the first {first_log} steps were "
+                                           r"skipped as non-finite, more than "
+                                           r"config.max_skipped_fraction=0.01"):
+    aa_flax.train_and_evaluate(limited, str(tmp_path / "limited"), model=_MarkerModel())
+
+
+def test_resume_refuses_model_data_and_recipe_changes_listing_both_values(tmp_path, caplog):
   _marker_data(tmp_path, num_markers=0)
   workdir = str(tmp_path / "run")
   aa_flax.train_and_evaluate(_marker_config(tmp_path, num_train_steps=4), workdir,
                              model=_MarkerModel())
-  changed = _marker_config(tmp_path, num_train_steps=8, **{"data.augment": "flip",
-                                                           "model.name": "resnet50"})
+  changed = _marker_config(tmp_path, num_train_steps=8, seed=3, label_smoothing=0.1,
+                           log_every_steps=2, **{
+                               "data.augment": "flip", "model.name": "resnet50",
+                               "optimizer.base_learning_rate": 0.2,
+                               "optimizer.schedule": "constant"})
   with pytest.raises(ConfigMismatchError) as error:
     aa_flax.train_and_evaluate(changed, workdir, model=_MarkerModel())
   message = str(error.value)
-  assert "data.augment: checkpoint 'none' -> now 'flip'" in message
-  assert "model.name: checkpoint 'aa_resnet_tiny' -> now 'resnet50'" in message
-  assert "allow_config_mismatch" in message and "num_train_steps" not in message
+  for section, line in [
+      ("model", "model.name: checkpoint 'aa_resnet_tiny' -> now 'resnet50'"),
+      ("data", "data.augment: checkpoint 'none' -> now 'flip'"),
+      ("training recipe", "num_train_steps: checkpoint 4 -> now 8"),
+      ("training recipe", "seed: checkpoint 0 -> now 3"),
+      ("training recipe", "label_smoothing: checkpoint 0.0 -> now 0.1"),
+      ("training recipe", "optimizer.base_learning_rate: checkpoint 0.4 -> now 0.2"),
+      ("training recipe", "optimizer.schedule: checkpoint 'cosine' -> now 'constant'")]:
+    assert f"  {section}:\n" in message and f"    {line}\n" in message
+  assert "allow_config_mismatch" in message and "log_every_steps" not in message
   changed.allow_config_mismatch = True
-  result = aa_flax.train_and_evaluate(changed, workdir, model=_MarkerModel())
-  assert result["step"] == 8
+  with caplog.at_level("WARNING"):
+    assert aa_flax.train_and_evaluate(changed, workdir, model=_MarkerModel())["step"] == 8
+  assert "allow_config_mismatch=True): seed: checkpoint 0 -> now 3" in caplog.text
+  # Other contents behind the same npz path.
+  with np.load(tmp_path / "train.npz") as data:
+    np.savez(tmp_path / "train.npz", images=data["images"], labels=(data["labels"] + 1) % 4)
+  changed.allow_config_mismatch = False
+  with pytest.raises(ConfigMismatchError, match=r"  data:\n    data.npz_contents: checkpoint "
+                                                r"'[0-9a-f]{16}' -> now '[0-9a-f]{16}'\n"):
+    aa_flax.train_and_evaluate(changed, workdir, model=_MarkerModel())
+  # A changed optimizer: named as such, also when allowed; the checkpoints stay put.
+  other_optimizer = _marker_config(tmp_path, num_train_steps=8, **{"optimizer.name": "rmsprop"})
+  with pytest.raises(ConfigMismatchError, match="optimizer.name: checkpoint 'sgd' -> now "
+                                                "'rmsprop'"):
+    aa_flax.train_and_evaluate(other_optimizer, workdir, model=_MarkerModel())
+  other_optimizer.allow_config_mismatch = True
+  with pytest.raises(ConfigMismatchError, match=r"is intact \(its files match their digest\) "
+                                                r"but its train state does not fit"):
+    aa_flax.train_and_evaluate(other_optimizer, workdir, model=_MarkerModel())
+  shorter = _marker_config(tmp_path, num_train_steps=6, allow_config_mismatch=True)
+  with pytest.raises(ConfigError, match="is at step 8, past the 6 steps this config trains"):
+    aa_flax.train_and_evaluate(shorter, workdir, model=_MarkerModel())
+  assert _checkpoint_steps(tmp_path / "run") == [2, 4, 6, 8]
+  assert not (tmp_path / "run" / "corrupt_checkpoints").exists()
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_example(tmp_path):
+  _marker_data(tmp_path, num_markers=0)
+  workdir = tmp_path / "run"
+  aa_flax.train_and_evaluate(_marker_config(tmp_path, num_train_steps=4), str(workdir),
+                             model=_MarkerModel())
+  larger = _marker_config(tmp_path, num_train_steps=6, batch_size=16,
+                          allow_config_mismatch=True)
+  aa_flax.train_and_evaluate(larger, str(workdir), model=_MarkerModel())
+  positions = {step: read_json(workdir / "checkpoints" / str(step) / "extra" / "metadata")[
+      "data_position"] for step in (2, 4, 6)}
+  assert positions == {2: 16, 4: 32, 6: 32 + 2 * 16}  # examples, whatever the batch size
 
 
 def test_unwritable_workdir_and_full_disk_fail_before_training(tmp_path, monkeypatch):
@@ -240,6 +404,113 @@ def test_unwritable_workdir_and_full_disk_fail_before_training(tmp_path, monkeyp
   with pytest.raises(WorkdirError, match=r"has 0.0 MiB free but the checkpoints need about"):
     aa_flax.train_and_evaluate(tiny_config(), str(tmp_path / "full"))
   assert not (tmp_path / "full" / "checkpoints").exists()
+
+
+def test_lock_names_a_live_holder_and_takes_over_stale_ones(tmp_path):
+  from aa_flax import storage
+  from aa_flax.workdir_lock import STALE_AFTER_S, WorkdirLock
+  lock_file = tmp_path / "run.lock"
+  gone = subprocess.Popen(["true"])
+  gone.wait()  # its pid no longer runs
+  here = socket.gethostname()
+  for host, pid, age, live in [
+      ("other-host", 4242, 30, True),  # another machine, refreshed recently
+      ("other-host", 4242, STALE_AFTER_S + 60, False),  # ... that stopped refreshing it
+      (here, os.getppid(), 30, True),  # a live process on this machine
+      (here, gone.pid, 30, False)]:  # a killed run on this machine
+    lock_file.write_text(json.dumps({"host": host, "pid": pid, "token": "theirs",
+                                     "refreshed": time.time() - age}))
+    lock = WorkdirLock(storage.path(tmp_path))
+    if live:
+      with pytest.raises(WorkdirError, match=rf"in use by another run \(host {host}, pid {pid},"):
+        lock.acquire()
+      assert json.loads(lock_file.read_text())["token"] == "theirs"
+    else:
+      with lock:
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+      assert not lock_file.exists()
+
+
+_DISK_FULL = textwrap.dedent("""
+    # Runs as root of a new user and mount namespace: a 4 MiB tmpfs that fills up after the
+    # first checkpoint (a filler file leaves 96 KiB: room for logs, not for a checkpoint).
+    import json, os, shutil, subprocess, sys, time
+    mount, command = sys.argv[1], sys.argv[2:]
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount], check=True)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    checkpoints = os.path.join(mount, "w", "checkpoints")
+    while not os.path.isdir(os.path.join(checkpoints, "10")) and process.poll() is None:
+      time.sleep(0.002)
+    with open(os.path.join(mount, "filler"), "wb") as handle:
+      handle.write(bytes(max(shutil.disk_usage(mount).free - 96 * 1024, 0)))
+    stderr = process.communicate()[1]
+    with open(os.path.join(mount, "w", "metrics.jsonl")) as handle:
+      metrics = handle.read()
+    print(json.dumps({"returncode": process.returncode, "stderr": stderr, "metrics": metrics,
+                      "checkpoints": sorted(os.listdir(checkpoints))}))
+""")
+
+
+def test_disk_full_during_a_save_stops_with_one_line_naming_the_last_checkpoint(tmp_path):
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  helper = tmp_path / "disk_full.py"
+  helper.write_text(_DISK_FULL)
+  command = train_py_command(disk / "w", "--config.num_train_steps=40",
+                             "--config.log_every_steps=1", "--config.checkpoint_every_steps=10")
+  namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+  if shutil.which("unshare") is None or subprocess.run(
+      [*namespace, "true"], capture_output=True).returncode != 0:
+    pytest.skip("no unprivileged user namespaces here to mount a small tmpfs in")
+  run = subprocess.run([*namespace, sys.executable, str(helper), str(disk), *command],
+                       env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads(run.stdout.splitlines()[-1])
+  assert report["returncode"] == 1, report["stderr"][-3000:]
+  checkpoints = disk / "w" / "checkpoints"
+  assert report["stderr"].strip().splitlines()[-1] == (  # the last line, and the only one
+      f"error: WorkdirError: Saving checkpoint step 20 in {checkpoints} failed (no space left "
+      f"on device). Last complete checkpoint: {checkpoints / '10'}. Fix the cause (e.g. free "
+      "space) and rerun to resume from it.")
+  assert report["stderr"].count("error: WorkdirError") == 1
+  records = [json.loads(line) for line in report["metrics"].splitlines()]
+  assert max(r["step"] for r in records) < 30  # stopped before the next save, not after it
+  assert all(r["split"] == "train" for r in records)
+  assert [name for name in report["checkpoints"] if name.isdigit()] == ["10"]
+
+
+def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(tmp_path):
+  """1,200 eval images in batches of 8 make each evaluation last a second or more; a SIGTERM
+  right after a train log line lands in the evaluation at that step: the mid-run one, then
+  the final one."""
+  rng = np.random.default_rng(0)
+  for split, size in (("train", 64), ("eval", 1200)):
+    np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 256, (size, 8, 8, 1), np.uint8),
+             labels=rng.integers(0, 10, size))
+  flags = ["--config.data.name=npz", f"--config.data.train_files={tmp_path / 'train.npz'}",
+           f"--config.data.eval_files={tmp_path / 'eval.npz'}", "--config.batch_size=16",
+           "--config.eval_batch_size=8", "--config.num_train_steps=8",
+           "--config.log_every_steps=4", "--config.eval_every_steps=4",
+           "--config.checkpoint_every_steps=100"]
+  workdir = tmp_path / "run"
+  for stop_at in (4, 8):
+    process = subprocess.Popen(train_py_command(workdir, *flags), env=subprocess_env(),
+                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    assert _wait_for_step(process, workdir, stop_at), process.stderr.read()[-3000:]
+    process.send_signal(signal.SIGTERM)
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert f"Preemption notice during the evaluation at step {stop_at}: stopping it" in stderr
+    assert _checkpoint_steps(workdir)[-1] == stop_at
+    assert not (workdir / "eval_results.json").exists()
+  run = run_train_py(workdir, *flags)
+  assert run.returncode == 0, run.stderr[-3000:]
+  records = read_jsonl(workdir / "metrics.jsonl")
+  assert [(r["step"], r["split"]) for r in records] == [(4, "train"), (4, "eval"),
+                                                        (8, "train"), (8, "eval")]
+  assert read_json(workdir / "eval_results.json")["num_examples"] == 1200
 
 
 def _free_port() -> int:

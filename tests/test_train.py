@@ -20,7 +20,7 @@ from aa_flax.config_utils import base_config
 from aa_flax.errors import ConfigError
 from test_train_support import (REPO_ROOT, SHARED_DATA, assert_trees_equal, final_state,
                                 read_json, read_jsonl, run_train_py, subprocess_env,
-                                tiny_config)
+                                tiny_config, train_py_command)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,6 +106,21 @@ def test_console_shows_the_time_waiting_for_data(digits_run):
   for line in lines:
     match = re.search(r"img/s, waiting for data ([0-9.]+) ms/step \(([0-9]+)%\)", line)
     assert match and 0 <= int(match.group(2)) <= 100, line
+
+
+def test_resume_on_another_device_count_is_allowed_and_logged(digits_run, tmp_path):
+  workdir, result, _ = digits_run
+  resumed = tmp_path / "resumed"
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "12")
+  (resumed / "eval_results.json").unlink()
+  run = subprocess.run(train_py_command(resumed), env=subprocess_env(num_devices=4),
+                       capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert (f"Checkpoint {resumed / 'checkpoints' / '6'} was written on 8 devices and resumes on "
+          "4: training continues correctly, but results are no longer bitwise equal to an "
+          "uninterrupted run.") in run.stderr
+  assert read_json(resumed / "eval_results.json")["step"] == result["step"]
 
 
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
@@ -220,6 +235,19 @@ def test_unknown_model_and_dataset_and_bad_batch_size(tmp_path):
     aa_flax.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path))
   with pytest.raises(ConfigError, match="config.eval_batch_size=100"):
     aa_flax.train_and_evaluate(tiny_config(eval_batch_size=100), str(tmp_path))
+  with pytest.raises(ConfigError, match=r"config.batch_size=1440 is larger than the training "
+                                        r"set \(1437 examples\); use at most 1437"):
+    aa_flax.train_and_evaluate(tiny_config(batch_size=1440), str(tmp_path))
+  for key, value, valid in [
+      ("optimizer.base_learning_rate", -0.1, ">= 0.0"),
+      ("optimizer.base_learning_rate", float("nan"), ">= 0.0"),
+      ("optimizer.warmup_epochs", -1.0, ">= 0.0"),
+      ("label_smoothing", 1.0, r"in \[0.0, 1.0\)"),
+      ("label_smoothing", -0.1, r"in \[0.0, 1.0\)"),
+      ("max_skipped_fraction", 1.5, r"in \[0.0, 1.0\]")]:
+    with pytest.raises(ConfigError, match=rf"^config.{re.escape(key)}={value} is invalid; it "
+                                          rf"must be a finite number {valid}.$"):
+      aa_flax.train_and_evaluate(tiny_config(**{key: value}), str(tmp_path))
   assert not any(tmp_path.iterdir())  # nothing written before the config is known good
 
 

@@ -4,9 +4,9 @@ Training: ``source -> shuffle (new order each epoch) -> repeat forever -> augmen
 process's share -> batch``. The k-th example of the global stream is fixed by ``seed`` alone;
 process ``p`` of ``P`` takes stream positions ``p, p + P, ...``, so global batch ``b`` holds
 stream positions ``[b*B, (b+1)*B)`` whatever the process count. Epochs run into each other
-(no example is dropped). The iterator's state is ``{'next_index': b}``: saving it with a
-checkpoint makes a resumed run read exactly what the uninterrupted one would have, with or
-without worker processes and whatever their number.
+(no example is dropped). A stream can start at any position ``s`` (in examples, not batches):
+saving the position with a checkpoint makes a resumed run read exactly what the uninterrupted
+one would have, with any batch size and any number of worker processes.
 
 Eval: global eval batch ``b`` puts example ``b*G + p*L + s`` in slot ``s`` of process ``p``
 (``G`` global, ``L = G/P`` local batch); slots past the end repeat an example with
@@ -120,23 +120,19 @@ class InputPipeline:
     """Shape ``(h, w, C)`` of a preprocessed image."""
     return (*self.image_size, self.splits.image_shape[-1])
 
-  def train_dataset(self):
-    """The per-process training stream as a random-access ``grain.MapDataset`` of batches."""
+  def train_dataset(self, start: int = 0):
+    """This process's training batches from global stream position ``start`` (an example
+    count) as a random-access ``grain.MapDataset``."""
     import grain
     dataset = (grain.MapDataset.source(self.splits.train).seed(self.seed).shuffle().repeat()
                .random_map(preprocess.TrainTransform(self.augment, self.image_size)))
-    dataset = dataset[self.process_index::self.process_count]
+    dataset = dataset[start + self.process_index::self.process_count]
     return dataset.batch(self.local_batch_size, drop_remainder=True)
 
-  def train_iterator(self, state: dict[str, Any] | None = None) -> "TrainIterator":
-    """An iterator over training batches; ``get_state()``/``set_state()`` checkpoint it.
-
-    Close it (or use it in a ``with`` block) to stop its worker processes.
-    """
-    iterator = TrainIterator(self)
-    if state is not None:
-      iterator.set_state(state)
-    return iterator
+  def train_iterator(self, start: int = 0) -> "TrainBatches":
+    """Training batches from stream position ``start`` (examples); close it (or use it in a
+    ``with`` block) to stop its worker processes."""
+    return TrainBatches(self.batch_iterator(self.train_dataset(start)))
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of one pass over the eval split, with ``mask`` float32 [L]."""
@@ -168,43 +164,22 @@ class InputPipeline:
     return iter(iter_dataset)
 
 
-class TrainIterator:
-  """Training batches from batch ``next_index`` on; the state is ``{'next_index': int}``.
+class TrainBatches:
+  """An endless iterator of training batches that stops its worker processes on ``close``."""
 
-  The state names a position in the stream, not grain's internals, so it restores with any
-  number of worker processes or threads.
-  """
+  def __init__(self, iterator):
+    self._iterator = iterator
 
-  def __init__(self, pipeline: InputPipeline):
-    self._pipeline = pipeline
-    self._dataset = pipeline.train_dataset()
-    self._next_index = 0
-    self._iterator = None
-
-  def __iter__(self) -> "TrainIterator":
+  def __iter__(self) -> "TrainBatches":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._iterator is None:
-      self._iterator = self._pipeline.batch_iterator(self._dataset[self._next_index:])
-    batch = next(self._iterator)
-    self._next_index += 1
-    return batch
-
-  def get_state(self) -> dict[str, int]:
-    return {"next_index": self._next_index}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self.close()
-    self._next_index = int(state["next_index"])
+    return next(self._iterator)
 
   def close(self) -> None:
-    """Stops the worker processes and threads (iterating again restarts them)."""
-    if self._iterator is not None:
-      _close(self._iterator)
-      self._iterator = None
+    _close(self._iterator)
 
-  def __enter__(self) -> "TrainIterator":
+  def __enter__(self) -> "TrainBatches":
     return self
 
   def __exit__(self, *exc_info) -> None:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
+import json
 import logging
 import os
+import zipfile
 from typing import Any, Sequence
 
 import numpy as np
@@ -88,6 +91,8 @@ class DatasetSplits:
 
   ``image_shape`` is the stored ``(H, W, C)``; ``H`` and ``W`` are ``None`` when images vary
   in size (ImageNet). ``mean`` and ``std`` are per channel on a 0..1 pixel scale.
+  ``fingerprint`` identifies the contents of npz files (``npz_fingerprint``); empty for
+  sources fixed by their name and version.
   """
   name: str
   train: Sequence[dict[str, Any]]
@@ -96,6 +101,7 @@ class DatasetSplits:
   image_shape: tuple[int | None, int | None, int]
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  fingerprint: str = ""
 
 
 def load_splits(data_config, *, seed: int) -> DatasetSplits:
@@ -127,8 +133,12 @@ def load_splits(data_config, *, seed: int) -> DatasetSplits:
   for split, arrays in (("train", train), ("eval", evaluation)):
     _check_labels(arrays.labels, num_classes, f"{name} {split} split")
   mean, std = _normalisation(data_config, train.images)
+  fingerprint = ""
+  if name == "npz":
+    fingerprint = npz_fingerprint([data_config.train_files, data_config.eval_files])
   return DatasetSplits(name=name, train=train, eval=evaluation, num_classes=num_classes,
-                       image_shape=tuple(train.images.shape[1:]), mean=mean, std=std)
+                       image_shape=tuple(train.images.shape[1:]), mean=mean, std=std,
+                       fingerprint=fingerprint)
 
 
 def _digits_arrays() -> tuple[ArraySource, ArraySource]:
@@ -156,6 +166,39 @@ def _expand_file_patterns(spec: str, field: str) -> list[str]:
   return paths
 
 
+def npz_fingerprint(specs: Sequence[str]) -> str:
+  """A short hash of the contents of the npz files ``specs`` name (comma-separated paths or
+  globs each), from the CRC-32 and size of every array that the zip directory of each file
+  records: cheap (no array is read) and different whenever the contents differ."""
+  entries = []
+  for spec in specs:
+    for path in _expand_file_patterns(spec, "files"):
+      with zipfile.ZipFile(path) as archive:
+        entries.append([(info.filename, info.CRC, info.file_size)
+                        for info in archive.infolist()])
+  return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def _check_is_npz(path: str) -> None:
+  """Raises ``DataError`` unless ``path`` starts like a zip archive (what ``np.savez``
+  writes); a damaged archive is left for ``np.load`` to report."""
+  try:
+    with open(path, "rb") as handle:
+      head = handle.read(16)
+  except OSError as error:
+    raise DataError(f"{path} cannot be read ({error}).") from error
+  if head.startswith(b"PK"):
+    return
+  if not head:
+    kind = "the file is empty"
+  elif head.startswith(b"\x93NUMPY"):
+    kind = "it is a single .npy array, not an archive of arrays"
+  else:
+    kind = f"it is not a zip archive (it starts with {head!r})"
+  raise DataError(f"{path} cannot be read as an .npz archive: {kind}. Write one with "
+                  "np.savez(path, images=images, labels=labels).")
+
+
 def load_npz_files(spec: str, field: str = "files") -> ArraySource:
   """Loads and concatenates ``images``/``labels`` from comma-separated ``.npz`` paths or globs.
 
@@ -164,6 +207,7 @@ def load_npz_files(spec: str, field: str = "files") -> ArraySource:
   """
   images, labels = [], []
   for path in _expand_file_patterns(spec, field):
+    _check_is_npz(path)
     try:
       with np.load(path, allow_pickle=False) as archive:
         missing = {"images", "labels"} - set(archive.files)

@@ -1,0 +1,39 @@
+"""benchmarks.profile_aa_tiny runs and attributes op time to the right layers (no timing)."""
+
+import json
+
+import jax
+import pytest
+
+from benchmarks import profile_aa_tiny
+
+
+@pytest.fixture(autouse=True)
+def _fast_compiles():
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def test_profile_rows_tensors_and_op_shares(tmp_path):
+  rows, shares = profile_aa_tiny.main(["--batch=8", "--image-size=8", "--rounds=1",
+                                       "--dtypes=float32", f"--out-dir={tmp_path}"])
+  plain, augmented = rows
+  assert (plain["model"], augmented["model"]) == profile_aa_tiny.MODELS
+  # Attention over 4x4 (stage 2) and 2x2 (stage 3): [8, 4, 16, 16] + [8, 4, 4, 4] float32.
+  assert augmented["attention_mib"] == pytest.approx(4 * 8 * 4 * (16 ** 2 + 4 ** 2) / 2 ** 20)
+  assert plain["attention_mib"] == 0 and plain["ratio_median"] == 1.0
+  assert augmented["full_size_arrays"] >= 1 and plain["full_size_arrays"] == 0
+  assert augmented["gflops"] > plain["gflops"] and augmented["gb_accessed"] > 0
+  if shares["float32 aa_resnet_tiny"]:  # the CPU trace has per-op events
+    assert set(shares["float32 aa_resnet_tiny"]) == {
+        "everything else (convs, BN, head, optimizer)",
+        "stage2_block1 attention core (logits, softmax, AV)",
+        "stage2_block1 attention branch (pool, qkv, output conv)",
+        "stage3_block1 attention core (logits, softmax, AV)",
+        "stage3_block1 attention branch (pool, qkv, output conv)"}
+    assert sum(shares["float32 aa_resnet_tiny"].values()) == pytest.approx(1.0)
+    assert list(shares["float32 resnet_tiny"]) == ["everything else (convs, BN, head, optimizer)"]
+  saved = json.loads((tmp_path / "profile_aa_tiny.json").read_text())
+  assert saved["environment"]["load_average_end"] and len(saved["rows"]) == 2
