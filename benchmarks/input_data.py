@@ -75,10 +75,13 @@ def write_tfds_imagenet(data_dir: str, splits: dict[str, Sequence[tuple[bytes, i
   """
   import tensorflow_datasets as tfds
 
+  # Looked up before registration is switched off: the lookup imports tfds' dataset modules,
+  # and modules first imported inside skip_registration() stay unregistered for the process.
+  version = tfds.builder_cls("imagenet2012").VERSION
   with tfds.core.registered.skip_registration():
     class SmallImagenet(tfds.core.GeneratorBasedBuilder):
       name = "imagenet2012"
-      VERSION = tfds.builder_cls("imagenet2012").VERSION
+      VERSION = version
       code_path = None  # no checksums or metadata files next to this module
 
       def _info(self):  # the real one's features, with the 1000 classes unnamed

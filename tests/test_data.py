@@ -3,6 +3,7 @@
 import collections
 import logging
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -286,6 +287,22 @@ def small_imagenet(tmp_path_factory):
       "train": [(jpeg, label) for label, jpeg in enumerate(jpegs[:12])],
       "validation": [(jpeg, 100 + label) for label, jpeg in enumerate(jpegs[12:])]})
   return str(data_dir)
+
+
+def test_writing_the_small_imagenet_leaves_other_tfds_datasets_registered(tmp_path):
+  """In a fresh process (tfds' dataset modules not yet imported), writing the test dataset
+  must not hide the real builders from ``tfds.builder`` afterwards."""
+  script = (
+      "import sys\n"
+      "from benchmarks import input_data\n"
+      "jpeg = input_data.jpeg_images(1, sizes=((20, 24),))[0]\n"
+      f"input_data.write_tfds_imagenet({str(tmp_path)!r}, {{'train': [(jpeg, 0)]}})\n"
+      "import tensorflow_datasets as tfds\n"
+      "print(tfds.builder_cls('cifar10').name, tfds.builder_cls('imagenet2012').name)\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split()[-2:] == ["cifar10", "imagenet2012"]
 
 
 def test_tfds_imagenet_reads_jpeg_files_and_decodes_in_preprocessing(small_imagenet):
