@@ -4,7 +4,7 @@
 
 Without ``--config`` the embedded default (``configs/default.py``) runs. Every config key is
 listed in docs/CONFIG.md. Multi-process runs (TPU pods, GPU clusters) call
-``jax.distributed.initialize`` first; see README, "Multi-host and multi-GPU".
+``jax.distributed.initialize`` first; see README, "Devices, GPUs and TPU pods".
 Each invocation appends its wall time and machine to ``<workdir>/run_info.json``.
 Exit status: 0 done; 1 a user error (one line on stderr); 75 preempted by SIGTERM after
 writing a checkpoint (rerun the same command to resume).
@@ -99,7 +99,7 @@ def main(argv):
   logging.info(_summary(_CONFIG.value, _WORKDIR.value))
   start = time.perf_counter()
   try:
-    result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress="log")
   except AAFlaxError as error:
     print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
     # Skip interpreter teardown: after a failed save it only adds tracebacks of background

@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 
 from aa_flax import config_utils, optim, parallel, storage
+from aa_flax.progress import Progress
 from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
 from aa_flax.preemption import PreemptionWatcher
 
@@ -141,14 +142,20 @@ def make_eval_step(model: nn.Module, *, mean, std, dtype) -> Callable:
 
 
 def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh,
-             should_stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+             should_stop: Callable[[], bool] = lambda: False,
+             progress: Progress | None = None) -> dict[str, float] | None:
   """One pass over the eval split, each example exactly once (padding masked, all hosts).
 
   Returns ``top1``, ``top5`` (fractions), ``loss`` (mean) and ``num_examples``, or ``None``
-  if ``should_stop()`` (asked before every batch, on every process) turned true.
+  if ``should_stop()`` (asked before every batch, on every process) turned true. ``progress``
+  shows how many examples are done.
   """
   totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
-  for local_batch in pipeline.eval_batches():
+  batches = pipeline.eval_batches()
+  if progress is not None:
+    batches = progress.eval_batches(batches, pipeline.num_eval_examples,
+                                    pipeline.eval_global_batch_size)
+  for local_batch in batches:
     if should_stop():
       return None
     sums = jax.device_get(eval_step(state, parallel.global_batch(local_batch, mesh)))
@@ -237,6 +244,7 @@ class _Run:
   config_dict: dict[str, Any]
   provenance: dict[str, Any]  # saved with every checkpoint: device count, data fingerprint
   is_main: bool
+  progress: Progress
 
 
 def _num_train_steps(config, steps_per_epoch: float) -> int:
@@ -276,6 +284,23 @@ def build_model(config, num_classes: int, dtype) -> nn.Module:
                       f"{error}") from error
 
 
+# XLA settings for code that runs once per run (the variables' init) on CPU, where compiling
+# it with the usual optimisations takes several times longer than running it unoptimised.
+_CPU_QUICK_COMPILE = {"xla_backend_optimization_level": 0,
+                      "xla_llvm_disable_expensive_passes": True}
+
+
+def _run_once(function: Callable, *args, out_shardings) -> Any:
+  """``jax.jit(function, out_shardings=...)(*args)``, compiled for a single call."""
+  options = _CPU_QUICK_COMPILE if jax.default_backend() == "cpu" else {}
+  lowered = jax.jit(function, out_shardings=out_shardings).lower(*args)
+  return lowered.compile(compiler_options=options)(*args)
+
+
+def _num_parameters(params) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+
+
 def _state_bytes(abstract_state) -> int:
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
 
@@ -298,7 +323,8 @@ def _disk_full_is_a_workdir_error(workdir) -> Iterator[None]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       model: nn.Module | None = None) -> dict[str, Any]:
+                       model: nn.Module | None = None,
+                       progress: str | Progress = "auto") -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint) and evaluates.
 
   Args:
@@ -308,6 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       events go here; ``run.lock`` keeps a second run out while this one runs.
     model: optional flax module to train instead of ``config.model`` (same call convention
       as the registry's models); ``config.model`` is then only recorded.
+    progress: where progress goes (``aa_flax.progress``): ``"auto"`` (bars in a notebook,
+      lines on stderr elsewhere), ``"log"`` (absl logging; ``train.py``), ``"print"``,
+      ``"bar"``, ``"none"``, or a ``Progress``. Only process 0 reports.
 
   Returns:
     The final eval metrics (``step``, ``top1``, ``top5``, ``loss``, ``num_examples``) plus
@@ -324,12 +353,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from aa_flax.workdir_lock import workdir_lock
 
   config_utils.validate_config(config)
+  is_main = jax.process_index() == 0
+  if not isinstance(progress, Progress):
+    progress = Progress(progress if is_main else "none")
   mesh = parallel.create_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
   splits = load_splits(config.data, seed=config.seed)  # fails before anything is written
   _check_batch_fits(config, splits)
   image_size = _image_size(config, splits)
+  progress.line("Data %s: %d training and %d eval examples, %d classes, images %s.",
+                splits.name, len(splits.train), len(splits.eval), splits.num_classes,
+                "x".join(str(d) for d in (*image_size, splits.image_shape[-1])))
   pipeline = InputPipeline(
       splits, global_batch_size=config.batch_size, eval_global_batch_size=config.eval_batch_size,
       image_size=image_size, augment=config.data.augment, seed=config.seed,
@@ -337,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       num_threads=config.data.num_threads, prefetch=config.data.prefetch,
       num_workers=resolve_num_workers(config.data.num_workers, splits.name))
   dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+  model_name = config.model.name if model is None else type(model).__name__
   if model is None:
     model = build_model(config, splits.num_classes, dtype)
   total_steps = _num_train_steps(config, pipeline.steps_per_epoch)
@@ -358,12 +394,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"config.model (name={config.model.name!r}, settings="
                       f"{config_utils.model_overrides(config.model)}) at image shape "
                       f"{pipeline.image_shape}: {error}") from error
+  progress.line("Model %s: %.2fM parameters; %d steps of global batch %d (%.3g epochs) on %d "
+                "device(s).", model_name, _num_parameters(abstract_state.params) / 1e6,
+                total_steps, config.batch_size, total_steps / pipeline.steps_per_epoch,
+                jax.device_count())
   state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
   abstract_state = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       abstract_state, state_sharding)
 
-  is_main = jax.process_index() == 0
   workdir = storage.path(workdir)
   storage.check_workdir(workdir, _state_bytes(abstract_state) * (config.keep_checkpoints + 1))
   norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
@@ -376,10 +415,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     try:
       if config.eval_only:
         return _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step,
-                              pipeline, mesh, is_main)
-      restored = _resume(config, splits.fingerprint, checkpointer, abstract_state, total_steps)
+                              pipeline, mesh, is_main, progress)
+      restored = _resume(config, splits.fingerprint, checkpointer, abstract_state, total_steps,
+                         progress)
       if restored is None:
-        state = jax.jit(init_state, out_shardings=state_sharding)(init_key)
+        progress.line("Initialising the model's variables (compiles its init)...")
+        state = _run_once(init_state, init_key, out_shardings=state_sharding)
         extra: dict[str, Any] = {}
         start_step = 0
       else:
@@ -402,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    checkpointer=checkpointer, logger=logger, config_dict=config_dict,
                    provenance={"num_devices": jax.device_count(),
                                "data_fingerprint": splits.fingerprint},
-                   is_main=is_main)
+                   is_main=is_main, progress=progress)
         return _train_loop(run, state, start_step, extra)
       finally:
         logger.close()
@@ -410,7 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       checkpointer.close()
 
 
-def _resume(config, data_fingerprint: str, checkpointer, abstract_state, total_steps: int):
+def _resume(config, data_fingerprint: str, checkpointer, abstract_state, total_steps: int,
+            progress: Progress):
   """The newest usable checkpoint (``checkpoint.Restored``) once its config, data and step
   fit this run, or ``None`` to start afresh. Its ``extra`` always has ``data_position``."""
 
@@ -437,12 +479,12 @@ def _resume(config, data_fingerprint: str, checkpointer, abstract_state, total_s
   if "data_position" not in restored.extra:  # written before positions counted examples
     batches = restored.extra.get("data_iterator", {}).get("next_index", 0)
     restored.extra["data_position"] = batches * restored.config.get("batch_size", 0)
-  logging.info("Resumed from %s (step %d).", restored.path, restored.step)
+  progress.line("Resumed from %s (step %d).", restored.path, restored.step)
   return restored
 
 
 def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline, mesh,
-                   is_main) -> dict[str, Any]:
+                   is_main, progress: Progress) -> dict[str, Any]:
   if config.checkpoint_path:
     restored = checkpointer.restore_path(config.checkpoint_path, abstract_state)
   else:
@@ -451,12 +493,13 @@ def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pip
       raise WorkdirError(f"eval_only: no checkpoint in {checkpointer.directory}; set "
                          "config.checkpoint_path to a checkpoint step directory.")
   with PreemptionWatcher() as watcher:
-    metrics = evaluate(eval_step, restored.state, pipeline, mesh, watcher.should_stop)
+    metrics = evaluate(eval_step, restored.state, pipeline, mesh, watcher.should_stop, progress)
   if metrics is None:
     logging.warning("Preempted during the evaluation of %s; rerun to evaluate.", restored.path)
     return {"step": restored.step, "preempted": True}
   results = {"step": restored.step, **metrics}
-  logging.info("Eval of %s: %s", restored.path, results)
+  progress.line("Eval of %s: top1 %.4f top5 %.4f loss %.4f (%d examples)", restored.path,
+                results["top1"], results["top5"], results["loss"], results["num_examples"])
   if is_main:
     storage.write_json(workdir / EVAL_RESULTS_FILE, results)
   return {**results, "preempted": False}
@@ -466,7 +509,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int,
                 extra: dict[str, Any]) -> dict[str, Any]:
   """Steps from ``start_step`` to ``run.total_steps``: logs, evals, checkpoints, and stops
   after a checkpoint on SIGTERM, also during an evaluation (``preempted: True``)."""
-  config = run.config
+  config, progress = run.config, run.progress
   position = int(extra.get("data_position", 0))  # examples of the training stream consumed
   window = _MetricWindow(config.on_nonfinite, extra.get("metric_window"),
                          int(extra.get("skipped_steps", 0)))
@@ -480,6 +523,9 @@ def _train_loop(run: _Run, state: TrainState, start_step: int,
     if extra.get("pending_eval") and step < run.total_steps:  # a preemption cut it short
       if _evaluate_and_log(run, step, state, watcher) is None:
         return _preempted(run, step)
+    progress.start_training(step, run.total_steps)
+    if step < run.total_steps:
+      progress.line("Compiling the train step (the first step includes it)...")
     while step < run.total_steps:
       state, metrics = run.train_step(state, next(batches))
       step += 1
@@ -487,7 +533,11 @@ def _train_loop(run: _Run, state: TrainState, start_step: int,
       window.add(step, metrics)
       if step == start_step + 1:  # keep compilation out of img/s and the ETA
         jax.block_until_ready(metrics)
+        progress.line("Step %d done in %.1f s (compilation included); training.", step,
+                      time.perf_counter() - timer.time)
         timer = _Timer.start(step, batches)
+        progress.reset_rate(step)
+      progress.train_step(step, run.total_steps, config.batch_size)
       if step % config.log_every_steps == 0 or step == run.total_steps:
         _flush(run, window)
         _check_skipped_fraction(run, step, window)
@@ -512,6 +562,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int,
         if last_saved != step:
           _save(run, step, state, position, window)
         return _preempted(run, step)
+    progress.end_training()
     _flush(run, window)
     if last_saved != step:
       _save(run, step, state, position, window)
@@ -586,11 +637,11 @@ def _log_train(run: _Run, step: int, window: _MetricWindow, timer: _Timer,
   eta_s = (run.total_steps - step) * elapsed / steps_done
   wait = batches.wait_seconds - timer.data_wait
   run.logger.write(step, "train", {**means, "skipped_steps": window.skipped})
-  logging.info("step %d/%d loss %s acc %s lr %.4g %.0f img/s, waiting for data %.1f ms/step "
-               "(%.0f%%) ETA %s", step, run.total_steps, _fmt(means["loss"]),
-               _fmt(means["accuracy"]), means["learning_rate"], images_per_s,
-               1e3 * wait / steps_done, 100 * min(1.0, wait / max(elapsed, 1e-9)),
-               time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+  run.progress.line("step %d/%d loss %s acc %s lr %.4g %.0f img/s, waiting for data %.1f "
+                    "ms/step (%.0f%%) ETA %s", step, run.total_steps, _fmt(means["loss"]),
+                    _fmt(means["accuracy"]), means["learning_rate"], images_per_s,
+                    1e3 * wait / steps_done, 100 * min(1.0, wait / max(elapsed, 1e-9)),
+                    time.strftime("%H:%M:%S", time.gmtime(eta_s)))
 
 
 def _save(run: _Run, step: int, state: TrainState, position: int, window: _MetricWindow,
@@ -606,12 +657,15 @@ def _save(run: _Run, step: int, state: TrainState, position: int, window: _Metri
 
 def _evaluate_and_log(run: _Run, step: int, state: TrainState, watcher) -> dict[str, Any] | None:
   """Evaluates ``state`` and logs it; ``None`` if a preemption notice cut the pass short."""
-  metrics = evaluate(run.eval_step, state, run.pipeline, run.mesh, watcher.should_stop)
+  run.progress.line("Evaluating at step %d (%d examples)...", step,
+                    run.pipeline.num_eval_examples)
+  metrics = evaluate(run.eval_step, state, run.pipeline, run.mesh, watcher.should_stop,
+                     run.progress)
   if metrics is None:
     logging.warning("Preemption notice during the evaluation at step %d: stopping it.", step)
     return None
   results = {"step": step, **metrics}
   run.logger.write(step, "eval", metrics)
-  logging.info("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", step,
+  run.progress.line("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", step,
                results["top1"], results["top5"], results["loss"], results["num_examples"])
   return results

@@ -32,6 +32,8 @@ def test_quickstart_notebook_executes(monkeypatch):
   outputs = [text(cell) for cell in code_cells]
   assert any("AA-ResNet-50: ours 25.782M parameters, paper 25.8M [likely]" in o for o in outputs)
   assert any("after 15 steps" in o for o in outputs)
+  training = next(o for o in outputs if "after 15 steps" in o)
+  assert "Compiling the train step" in training and "15/15" in training  # lines and a bar
   assert any("each row sums to 1.0000" in o for o in outputs)
   figures = [out for cell in code_cells for out in cell.outputs
              if "image/png" in out.get("data", {})]

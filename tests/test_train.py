@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import aa_flax
 from aa_flax import optim, parallel, trainer
 from aa_flax.config_utils import base_config
 from aa_flax.errors import ConfigError
+from aa_flax.progress import Progress
 from test_train_support import (REPO_ROOT, SHARED_DATA, assert_trees_equal, final_state,
                                 read_json, read_jsonl, run_train_py, subprocess_env,
                                 tiny_config, train_py_command)
@@ -36,20 +38,23 @@ class _Lines(logging.Handler):
     super().__init__()
     self.lines = []
 
-  def emit(self, record):
-    self.lines.append(record.getMessage())
+  def emit(self, record):  # the library's lines (not those of orbax, jax, ...)
+    if f"{os.sep}aa_flax{os.sep}" in record.pathname:
+      self.lines.append(record.getMessage())
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-  """One uninterrupted 12-step run of the tiny config on digits (8 devices), and its log."""
+  """One uninterrupted 12-step run of the tiny config on digits (8 devices), and its log (a
+  heartbeat line after every step and eval batch: interval 0)."""
   workdir = tmp_path_factory.mktemp("digits")
   console, absl_logger = _Lines(), logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.addHandler(console)
   absl_logger.setLevel(logging.INFO)
   try:
-    result = aa_flax.train_and_evaluate(tiny_config(), str(workdir))
+    result = aa_flax.train_and_evaluate(tiny_config(), str(workdir),
+                                        progress=Progress("log", interval_s=0))
   finally:
     absl_logger.removeHandler(console)
     absl_logger.setLevel(level)
@@ -101,11 +106,29 @@ def test_resume_from_middle_checkpoint_matches_uninterrupted(digits_run, tmp_pat
 
 
 def test_console_shows_the_time_waiting_for_data(digits_run):
-  lines = [line for line in digits_run[2] if line.startswith("step ")]
+  lines = [line for line in digits_run[2] if line.startswith("step ") and " loss " in line]
   assert len(lines) == 4
   for line in lines:
     match = re.search(r"img/s, waiting for data ([0-9.]+) ms/step \(([0-9]+)%\)", line)
     assert match and 0 <= int(match.group(2)) <= 100, line
+
+
+def test_console_shows_what_runs_from_the_first_seconds(digits_run):
+  """Before step 1: data, model, init and compilation; then a heartbeat after every step (interval
+  0 here) and the evaluation's count of examples."""
+  console = digits_run[2]
+  assert console[0].startswith("Data digits: 1437 training and 360 eval examples, 10 classes")
+  assert console[1].startswith("Model aa_resnet_tiny: ") and "12 steps of global batch" in \
+      console[1] and "on 8 device(s)" in console[1]
+  assert console[2].startswith("Initialising the model's variables")
+  assert console[3].startswith("Compiling the train step")
+  assert re.fullmatch(r"Step 1 done in [0-9.]+ s \(compilation included\); training\.",
+                      console[4])
+  heartbeats = [int(re.match(r"step (\d+)/12: \d+ img/s, ETA [-:0-9]{8}$", line).group(1))
+                for line in console if re.match(r"step \d+/12: ", line)]
+  assert heartbeats == list(range(1, 13))
+  evals = [line for line in console if line.startswith("eval: ")]
+  assert evals and evals[-1] == "eval: 360/360 examples"
 
 
 def test_resume_on_another_device_count_is_allowed_and_logged(digits_run, tmp_path):

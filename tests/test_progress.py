@@ -1,0 +1,86 @@
+"""Progress reporting: heartbeat timing, rates, eval counts, modes (no training here)."""
+
+import logging
+
+import pytest
+
+from aa_flax.progress import Progress
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 100.0
+
+  def __call__(self):
+    return self.now
+
+
+def _lines(capsys):
+  return [line for line in capsys.readouterr().err.splitlines() if line]
+
+
+def test_heartbeat_only_after_the_interval_without_a_line(capsys):
+  clock = _Clock()
+  progress = Progress("print", interval_s=15, clock=clock)
+  progress.start_training(0, 100)
+  progress.reset_rate(1)  # step 1 (compilation) done at t=100
+  clock.now = 110
+  progress.train_step(11, 100, batch_size=8)  # 10 s: too early
+  assert _lines(capsys) == []
+  clock.now = 120
+  progress.train_step(21, 100, batch_size=8)  # 20 steps in 20 s = 8 img/s, 79 steps left
+  assert _lines(capsys) == ["step 21/100: 8 img/s, ETA 00:01:19"]
+  clock.now = 130
+  progress.line("a metric line")  # any line restarts the interval
+  clock.now = 140
+  progress.train_step(41, 100, batch_size=8)
+  assert _lines(capsys) == ["a metric line"]
+  clock.now = 145.5
+  progress.train_step(46, 100, batch_size=8)
+  assert _lines(capsys) == ["step 46/100: 8 img/s, ETA 00:00:54"]
+
+
+def test_rate_is_unknown_before_the_first_measured_step(capsys):
+  clock = _Clock()
+  progress = Progress("print", interval_s=0, clock=clock)
+  progress.train_step(1, 10, batch_size=4)
+  assert _lines(capsys) == ["step 1/10: 0 img/s, ETA --:--:--"]
+
+
+def test_eval_counts_examples_and_caps_at_the_total(capsys):
+  clock = _Clock()
+  progress = Progress("print", interval_s=5, clock=clock)
+  seen = []
+  for batch in progress.eval_batches(iter(range(4)), num_examples=10, examples_per_batch=3):
+    seen.append(batch)
+    clock.now += 3  # a line is due after every second batch
+  assert seen == [0, 1, 2, 3]
+  assert _lines(capsys) == ["eval: 6/10 examples", "eval: 10/10 examples"]
+
+
+def test_log_mode_writes_absl_info_and_none_writes_nothing(capsys, caplog):
+  with caplog.at_level(logging.INFO, logger="absl"):
+    Progress("log").line("step %d of %s", 3, "x")
+    Progress("none", interval_s=0).line("hidden")
+    Progress("none", interval_s=0).train_step(5, 10, 2)
+  assert [r.getMessage() for r in caplog.records] == ["step 3 of x"]
+  assert _lines(capsys) == []
+
+
+def test_bar_mode_advances_a_bar_and_keeps_lines(capsys):
+  progress = Progress("bar", interval_s=0)
+  progress.start_training(2, 6)
+  for step in range(3, 7):
+    progress.train_step(step, 6, batch_size=1)
+  assert progress._train_bar.n == 6
+  progress.line("eval line")
+  progress.end_training()
+  list(progress.eval_batches(iter([1, 2]), num_examples=4, examples_per_batch=2))
+  err = capsys.readouterr().err
+  assert "eval line" in err and "6/6" in err and "step 6/6:" not in err  # bars, no heartbeats
+
+
+def test_auto_is_print_outside_a_notebook_and_bad_modes_are_named():
+  assert Progress("auto").mode == "print"
+  with pytest.raises(ValueError, match=r"progress='bars' is not one of \('auto', 'log'"):
+    Progress("bars")
