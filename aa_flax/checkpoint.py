@@ -14,6 +14,7 @@ moved to ``<workdir>/corrupt_checkpoints/`` and the previous step is used instea
 from __future__ import annotations
 
 import dataclasses
+import logging as python_logging
 import time
 from typing import Any, Callable
 
@@ -45,6 +46,18 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
   return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
 
 
+def _quietly(function: Callable, *args, **kwargs) -> Any:
+  """Calls ``function`` with orbax's warnings about the type handler it replaces muted."""
+  def not_an_override_notice(record) -> bool:
+    return "overriding" not in str(record.msg)
+  absl_logger = python_logging.getLogger("absl")
+  absl_logger.addFilter(not_an_override_notice)
+  try:
+    return function(*args, **kwargs)
+  finally:
+    absl_logger.removeFilter(not_an_override_notice)
+
+
 class Checkpointer:
   """Saves and restores ``(state, extra, config)`` under ``<workdir>/checkpoints``.
 
@@ -60,8 +73,8 @@ class Checkpointer:
       # Replica-parallel saving slices each replicated array once per device and compiles a
       # slice per (shape, device): ~0.07 s each on CPU, i.e. seconds to minutes at the first
       # save of a state over simulated devices. CPU devices share one disk, so nothing is lost.
-      ocp.type_handlers.register_type_handler(
-          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+      _quietly(ocp.type_handlers.register_type_handler, jax.Array,
+               ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
     self.workdir = workdir
     self.directory = workdir / CHECKPOINT_DIR
     self._async_save = async_save
