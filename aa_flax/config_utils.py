@@ -28,7 +28,7 @@ RESUME_FREE_KEYS = frozenset({
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every key a training config has, with neutral defaults (see README, "Configs")."""
+  """Every key a training config has, with neutral defaults (all listed in docs/CONFIG.md)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 

@@ -1,4 +1,4 @@
-"""CIFAR Wide-ResNet-28-10 with and without attention augmentation (PAPER.md Table 1).
+"""CIFAR Wide-ResNet-28-10 with and without attention augmentation (the paper's Table 1; docs/SPECIFICATION.md §4).
 
 Arg: ``<model>[,<dataset>]`` with model in wrn28_10 | aa_wrn28_10 | se_wrn28_10 | ge_wrn28_10
 (gather-excite, the parameter-free GE-θ⁻ variant) and dataset
@@ -7,13 +7,13 @@ in cifar100 (default, the paper's table) | cifar10.
 Commands (tfds cifar100 prepared as ArrayRecord, see README "Data"):
   python train.py --config=configs/cifar.py:aa_wrn28_10 --workdir=/tmp/aa_wrn
   python train.py --config=configs/cifar.py:wrn28_10,cifar10 --workdir=/tmp/wrn_c10
-With the offline CIFAR-10 copy in ../shared/data (npz, a JPEG q75 copy):
+With CIFAR-10 as npz files (``python -m aa_flax.data.convert cifar cifar-10-batches-py
+data/cifar10``, see README "Data"):
   python train.py --config=configs/cifar.py:aa_wrn28_10,cifar10 --workdir=/tmp/aa_wrn_c10 \
-    --config.data.name=npz \
-    --config.data.train_files='../shared/data/cifar10_train_part*.npz' \
-    --config.data.eval_files=../shared/data/cifar10_test.npz
+    --config.data.name=npz --config.data.train_files=data/cifar10/train.npz \
+    --config.data.eval_files=data/cifar10/test.npz
 
-Recipe (PAPER.md section 3): 500 epochs, SGD momentum 0.9, LR warm-up from 0 to 0.2 x B/256
+Recipe (docs/SPECIFICATION.md §3): 500 epochs, SGD momentum 0.9, LR warm-up from 0 to 0.2 x B/256
 over the first 5% of training then cosine; flips and pad-4 crops [likely]. Batch 256 and
 weight decay 5e-4 for augmented nets vs 1024 and 2e-4 for baselines [unsure]; SE- and
 GE-WRN use the baseline settings.

@@ -1,4 +1,4 @@
-"""ImageNet MnasNet-A1 with and without attention augmentation (PAPER.md Table 4).
+"""ImageNet MnasNet-A1 with and without attention augmentation (the paper's Table 4; docs/SPECIFICATION.md §4).
 
 Arg: ``<model>[,<placement>]``.
   model: ``mnasnet_<width>`` or ``aa_mnasnet_<width>``, width in 0.75 | 1.0 | 1.25 | 1.4.
@@ -10,7 +10,7 @@ Commands (imagenet2012 prepared as ArrayRecord, see README "Data"):
   python train.py --config=configs/imagenet_mnasnet.py:aa_mnasnet_1.0 --workdir=/tmp/aa_mnas
   python train.py --config=configs/imagenet_mnasnet.py:aa_mnasnet_1.0,max14 --workdir=/tmp/m14
 
-Recipe (PAPER.md section 3, all [unsure]): the MnasNet recipe: RMSProp (decay 0.9, momentum
+Recipe (docs/SPECIFICATION.md §3, all [unsure]): the MnasNet recipe: RMSProp (decay 0.9, momentum
 0.9, eps 1e-3), 350 epochs, LR 0.016 x B/256 with 5 warm-up epochs then staircase exponential
 decay 0.97 every 2.4 epochs, weight decay 1e-5, label smoothing 0.1, Inception crops, bf16.
 Augmented nets use half the peak LR, with the decay rate raised so that the final LR equals

@@ -1,4 +1,4 @@
-"""ImageNet ResNets with and without attention augmentation (PAPER.md Tables 2, 3, 6, 7).
+"""ImageNet ResNets with and without attention augmentation (the paper's Tables 2, 3, 6, 7; docs/SPECIFICATION.md §4).
 
 Arg: ``<model>[,<position_encoding>]``.
   model: resnet34/50/101/152, aa_resnet34/50/101/152, se_resnet34/50/101/152 (Table 3),
@@ -14,7 +14,7 @@ Commands (imagenet2012 prepared as ArrayRecord in ~/tensorflow_datasets, see REA
 
 Recipe: the paper gives TPUv3, 100 epochs, SGD momentum 0.9, 5 warm-up epochs, 224x224
 Inception crops; LR, weight decay, label smoothing and batch are [unsure], so this uses the
-standard ResNet-50 recipe (PAPER.md section 3): Nesterov SGD, LR 0.1 x B/256 (batch 1024),
+standard ResNet-50 recipe (docs/SPECIFICATION.md §3): Nesterov SGD, LR 0.1 x B/256 (batch 1024),
 5 warm-up epochs then cosine, weight decay 1e-4 on kernels, bf16 compute. The BAM, CBAM,
 GALA and GE models use the same recipe, so that Table 2 compares modules, not recipes.
 Expected ImageNet top-1 / top-5 (Table 3): ResNet-34 73.6 / 91.5; AA-ResNet-34 74.7 / 92.0;

@@ -1,10 +1,10 @@
-"""Naive NumPy references of PAPER.md section 1, written for clarity, not speed."""
+"""Naive NumPy references of docs/SPECIFICATION.md §1, written for clarity, not speed."""
 
 import numpy as np
 
 
 def brute_force_relative_logits(q, rel_h, rel_w):
-  """Loop over every (query, key) pair: PAPER.md section 1, key minus query offsets."""
+  """Loop over every (query, key) pair: docs/SPECIFICATION.md §1, key minus query offsets."""
   batch, heads, height, width, _ = q.shape
   out = np.zeros((batch, heads, height * width, height * width), np.float64)
   for y in range(height):
@@ -44,7 +44,7 @@ def conv2d_same(x, kernel):
 
 
 def naive_aaconv(x, params, key_depth, value_depth, num_heads):
-  """AAConv of PAPER.md section 1 (stride 1, relative logits), one query pixel at a time.
+  """AAConv of docs/SPECIFICATION.md §1 (stride 1, relative logits), one query pixel at a time.
 
   x [B, H, W, C_in]; params as created by ``aa_flax.layers.AAConv``. Returns
   [B, H, W, F_out] = concat[conv(X), W^O MHA(X)].

@@ -29,7 +29,7 @@ def _round_to_heads(depth, heads):
 
 
 def _aaconv_problems(s) -> set[str]:
-  """Names of the settings that make ``s`` invalid, by the rules of PAPER.md section 1."""
+  """Names of the settings that make ``s`` invalid, by the rules of docs/SPECIFICATION.md §1."""
   problems = set()
   for name in ("features", "kernel_size", "strides", "num_heads"):
     if s[name] < 1:

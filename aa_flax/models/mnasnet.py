@@ -1,6 +1,6 @@
 """MnasNet-A1 (Tan et al., 2019) with optional attention augmentation.
 
-PAPER.md section 2 [unsure]: AA-MnasNet augments the expansion 1x1 conv of the inverted
+Placement (docs/SPECIFICATION.md §2, marked unsure there): AA-MnasNet augments the expansion 1x1 conv of the inverted
 bottleneck in the 13 MBConv blocks from the 28x28 stage on (stages 40, 80, 112, 160, 320 at
 width 1.0), with N_h=4, κ=0.1, υ=0.05 and no d_k^h floor (the paper's parameter counts only
 match without it), pooling the attention input in the first augmented stage. That stage's

@@ -31,7 +31,7 @@ RESNET_LAYOUTS = {
 MNASNET_WIDTHS = ("0.75", "1.0", "1.25", "1.4")
 FULLY_ATTENTIONAL_RATIOS = ("0.25", "0.5", "0.75", "1.0")
 
-# PAPER.md section 2. Bottleneck ResNets: κ=0.2, υ=0.1; basic-block ResNets: κ=υ=0.25.
+# docs/SPECIFICATION.md §2. Bottleneck ResNets: κ=0.2, υ=0.1; basic-block ResNets: κ=υ=0.25.
 AA_BOTTLENECK = AttentionSettings(key_ratio=0.2, value_ratio=0.1)
 AA_BASIC = AttentionSettings(key_ratio=0.25, value_ratio=0.25)
 AA_MNASNET = AttentionSettings(key_ratio=0.1, value_ratio=0.05, num_heads=4,
