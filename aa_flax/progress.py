@@ -48,6 +48,8 @@ def _tqdm():
 class Progress:
   """Reports phases, training steps and evaluation progress (see the module docstring)."""
 
+  BAR_REFRESH_S = 0.5
+
   def __init__(self, mode: str = "auto", *, interval_s: float = 15.0,
                clock: Callable[[], float] = time.monotonic):
     if mode not in MODES:
@@ -59,7 +61,7 @@ class Progress:
     self._clock = clock
     self._last_line = clock()
     self._train_bar = None
-    self._eval_bar = None
+    self._last_bar = float("-inf")
     self._rate_start: tuple[float, int] | None = None
 
   def line(self, message: str, *args) -> None:
@@ -99,17 +101,27 @@ class Progress:
       return "--:--:--"
     return time.strftime("%H:%M:%S", time.gmtime((total_steps - step) / rate))
 
-  def train_step(self, step: int, total_steps: int, batch_size: int) -> None:
-    """Called after every step: advances the bar; a heartbeat line when one is due."""
+  def train_step(self, step: int, total_steps: int, batch_size: int,
+                 completed: Callable[[], int] | None = None) -> None:
+    """Called after every step is dispatched: advances the bar (at most every
+    ``BAR_REFRESH_S``) and writes a heartbeat line when one is due. Both report
+    ``completed()``, the newest step the device has finished (asked only then; default
+    ``step``), since dispatch runs ahead of the device."""
+    now = self._clock()
+    if self._train_bar is not None and now - self._last_bar >= self.BAR_REFRESH_S:
+      self._last_bar = now
+      done = completed() if completed else step
+      self._train_bar.update(done - self._train_bar.n)
+    if self.mode not in ("log", "print") or now - self._last_line < self.interval_s:
+      return
+    done = completed() if completed else step
+    self.line("step %d/%d: %.0f img/s, ETA %s", done, total_steps,
+              self.rate(done) * batch_size, self.eta(done, total_steps))
+
+  def end_training(self, step: int) -> None:
+    """Training finished at ``step`` (all steps done): completes and closes the bar."""
     if self._train_bar is not None:
       self._train_bar.update(step - self._train_bar.n)
-    if self.mode not in ("log", "print") or self._clock() - self._last_line < self.interval_s:
-      return
-    self.line("step %d/%d: %.0f img/s, ETA %s", step, total_steps,
-              self.rate(step) * batch_size, self.eta(step, total_steps))
-
-  def end_training(self) -> None:
-    if self._train_bar is not None:
       self._train_bar.close()
       self._train_bar = None
 

@@ -189,6 +189,13 @@ class _MetricWindow:
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self._pending.append((step, metrics))
 
+  def completed_step(self, default: int) -> int:
+    """The newest queued step the device has finished (without waiting), else ``default``."""
+    for step, metrics in reversed(self._pending):
+      if metrics["loss"].is_ready():
+        return step
+    return default
+
   def flush(self) -> tuple[int, dict[str, float]] | None:
     """Folds the queued steps into the sums; returns ``(step, metrics)`` of a non-finite
     step that must stop the run, else ``None``."""
@@ -537,7 +544,8 @@ def _train_loop(run: _Run, state: TrainState, start_step: int,
                       time.perf_counter() - timer.time)
         timer = _Timer.start(step, batches)
         progress.reset_rate(step)
-      progress.train_step(step, run.total_steps, config.batch_size)
+      progress.train_step(step, run.total_steps, config.batch_size,
+                          completed=lambda: window.completed_step(timer.step))
       if step % config.log_every_steps == 0 or step == run.total_steps:
         _flush(run, window)
         _check_skipped_fraction(run, step, window)
@@ -562,7 +570,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int,
         if last_saved != step:
           _save(run, step, state, position, window)
         return _preempted(run, step)
-    progress.end_training()
+    progress.end_training(step)
     _flush(run, window)
     if last_saved != step:
       _save(run, step, state, position, window)
@@ -576,6 +584,7 @@ def _train_loop(run: _Run, state: TrainState, start_step: int,
 
 
 def _preempted(run: _Run, step: int) -> dict[str, Any]:
+  run.progress.end_training(step)
   run.checkpointer.wait()
   logging.warning("Preempted: checkpoint of step %d is on disk; rerun to resume.", step)
   return {"step": step, "preempted": True}

@@ -40,6 +40,23 @@ def test_heartbeat_only_after_the_interval_without_a_line(capsys):
   assert _lines(capsys) == ["step 46/100: 8 img/s, ETA 00:00:54"]
 
 
+def test_heartbeat_reports_the_completed_step_not_the_dispatched_one(capsys):
+  clock = _Clock()
+  progress = Progress("print", interval_s=15, clock=clock)
+  progress.reset_rate(1)
+  asked = []
+
+  def completed():
+    asked.append(clock.now)
+    return 11
+
+  progress.train_step(30, 100, batch_size=4, completed=completed)  # not due: not asked
+  clock.now = 120
+  progress.train_step(31, 100, batch_size=4, completed=completed)  # 10 steps done in 20 s
+  assert asked == [120]
+  assert _lines(capsys) == ["step 11/100: 2 img/s, ETA 00:02:58"]
+
+
 def test_rate_is_unknown_before_the_first_measured_step(capsys):
   clock = _Clock()
   progress = Progress("print", interval_s=0, clock=clock)
@@ -68,16 +85,21 @@ def test_log_mode_writes_absl_info_and_none_writes_nothing(capsys, caplog):
 
 
 def test_bar_mode_advances_a_bar_and_keeps_lines(capsys):
-  progress = Progress("bar", interval_s=0)
+  clock = _Clock()
+  progress = Progress("bar", interval_s=0, clock=clock)
   progress.start_training(2, 6)
-  for step in range(3, 7):
-    progress.train_step(step, 6, batch_size=1)
-  assert progress._train_bar.n == 6
+  progress.train_step(3, 6, batch_size=1)
+  assert progress._train_bar.n == 3
+  progress.train_step(4, 6, batch_size=1)  # within BAR_REFRESH_S: the bar waits
+  assert progress._train_bar.n == 3
+  clock.now += 1
+  progress.train_step(5, 6, batch_size=1, completed=lambda: 4)  # the device is at step 4
+  assert progress._train_bar.n == 4
   progress.line("eval line")
-  progress.end_training()
+  progress.end_training(6)
   list(progress.eval_batches(iter([1, 2]), num_examples=4, examples_per_batch=2))
   err = capsys.readouterr().err
-  assert "eval line" in err and "6/6" in err and "step 6/6:" not in err  # bars, no heartbeats
+  assert "eval line" in err and "6/6" in err and "step 5/6:" not in err  # bars, no heartbeats
 
 
 def test_auto_is_print_outside_a_notebook_and_bad_modes_are_named():

@@ -126,7 +126,9 @@ def test_console_shows_what_runs_from_the_first_seconds(digits_run):
                       console[4])
   heartbeats = [int(re.match(r"step (\d+)/12: \d+ img/s, ETA [-:0-9]{8}$", line).group(1))
                 for line in console if re.match(r"step \d+/12: ", line)]
-  assert heartbeats == list(range(1, 13))
+  # One per step, each naming the newest step the device had finished: never decreasing.
+  assert len(heartbeats) == 12 and heartbeats == sorted(heartbeats)
+  assert all(1 <= done <= 12 for done in heartbeats)
   evals = [line for line in console if line.startswith("eval: ")]
   assert evals and evals[-1] == "eval: 360/360 examples"
 
