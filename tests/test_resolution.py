@@ -62,39 +62,72 @@ def test_resample_table_keeps_old_offsets_and_dtype():
 
 
 def _families():
-  """One registered model per (model class, set of registered settings): every family."""
+  """One registered model per model class, set of registered settings and block attention."""
   chosen = {}
   for name in sorted(list_models(), key=lambda n: (len(n), n)):
     cls, kwargs = model_spec(name)
-    family = (cls.__name__, frozenset(k for k, v in kwargs.items() if v is not None))
+    family = (cls.__name__, frozenset(k for k, v in kwargs.items() if v is not None),
+              kwargs.get("block_attention"))
     chosen.setdefault(family, name)
   return sorted(chosen.values())
 
 
 @pytest.mark.parametrize("name", _families())
 def test_every_family_converts_to_a_non_square_size(name):
-  """64x64 -> 80x40 (taller, narrower): the result has the shapes the model has at 80x40."""
+  """64x64 -> 80x40 (taller, narrower): the result has the shapes the model has at 80x40,
+  and only size-dependent variables (relative tables, GE-θ gather kernels) changed."""
   model = create_model(name, num_classes=10)
-  source = resolution.abstract_variables(model, (1, 64, 64, 3))
-  target = resolution.abstract_variables(model, (2, 80, 40, 3))
-  converted = jax.eval_shape(lambda v: resolution.fit_variables(v, target), source)
+  source, _ = resolution.abstract_variables(model, (1, 64, 64, 3))
+  target, _ = resolution.abstract_variables(model, (2, 80, 40, 3))
+  converted = jax.eval_shape(
+      lambda v: resolution.convert_variables(model, v, (2, 80, 40, 3)), source)
   assert jax.tree.map(lambda a: a.shape, converted) == jax.tree.map(lambda a: a.shape, target)
-  tables = resolution.table_lengths(source)
-  has_tables = dataclasses.asdict(model).get("attention") is not None and \
+  changed = {path for (path, old), (_, new) in zip(resolution._leaves_by_path(source),
+                                                   resolution._leaves_by_path(converted))
+             if old.shape != new.shape}
+  tables = set(resolution.table_lengths(source))
+  relative = getattr(model, "attention", None) is not None and \
       model.attention.position_encoding == "relative"
-  assert bool(tables) == has_tables
+  gathers = {p for p in changed if p.endswith("/kernel") and "/ge_theta" in p}
+  assert changed <= tables | gathers  # (some MnasNet maps are 2 wide at both sizes)
+  assert bool(tables) == bool(changed & tables) == relative
+  assert bool(gathers) == (getattr(model, "block_attention", None) in ("ge_theta",
+                                                                       "ge_theta_plus"))
 
 
 def test_pooled_and_strided_table_lengths():
   """AA-ResNet-50 at 80x40: the pooled stage-2 layer sees 5x3 (stem /4, stride 2, pool 3x3/2),
   stage 3 sees 5x3, stage 4 3x2."""
   model = create_model("aa_resnet50", num_classes=10)
-  lengths = resolution.table_lengths(resolution.abstract_variables(model, (1, 80, 40, 3)))
+  lengths = resolution.table_lengths(resolution.abstract_variables(model, (1, 80, 40, 3))[0])
   assert lengths["params/stage2_block1/conv2/rel_height"] == 5
   assert lengths["params/stage2_block1/conv2/rel_width"] == 3
   assert lengths["params/stage3_block2/conv2/rel_width"] == 3
   assert lengths["params/stage4_block3/conv2/rel_height"] == 3
   assert lengths["params/stage4_block3/conv2/rel_width"] == 2
+
+
+def test_gather_kernel_is_resized_with_its_total_weight():
+  """GE-θ: a kernel constant over positions stays constant with the same sum per channel, so
+  the module gates a constant map as before; a random kernel is resized bilinearly."""
+  from aa_flax.models.block_attention import GatherExcite
+  module = GatherExcite(variant="theta")
+  x = jnp.ones((2, 6, 4, 3))
+  variables = module.init(jax.random.key(0), x, train=False)
+  constant = {**variables, "params": {**variables["params"], "kernel": jnp.broadcast_to(
+      jnp.asarray([0.05, -0.1, 0.2]), (6, 4, 3))}}
+  for shape in [(2, 9, 5, 3), (2, 3, 2, 3)]:
+    converted = resolution.convert_variables(module, constant, shape, train=False)
+    np.testing.assert_allclose(converted["params"]["kernel"].sum((0, 1)), [1.2, -2.4, 4.8],
+                               rtol=1e-6)
+    np.testing.assert_allclose(module.apply(converted, jnp.ones(shape), train=False)[:, 0, 0],
+                               module.apply(constant, x, train=False)[:, 0, 0], rtol=1e-5)
+    kernel = resolution.convert_variables(module, variables, shape, train=False)["params"]
+    expected = jax.image.resize(variables["params"]["kernel"], shape[1:], "linear") * (
+        24 / (shape[1] * shape[2]))
+    np.testing.assert_allclose(kernel["kernel"], expected, rtol=1e-6)
+  same = resolution.convert_variables(module, variables, x.shape, train=False)
+  assert same["params"]["kernel"] is variables["params"]["kernel"]
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +242,11 @@ def test_variables_of_another_model_are_refused(tiny):
   with pytest.raises(VariableMismatchError, match="input channels.*stem_conv/kernel"):
     resolution.convert_variables(create_model("aa_resnet_tiny", 10), variables, (1, 24, 24, 1))
   # A table of another depth is another model's table, whatever its length.
-  with pytest.raises(VariableMismatchError, match=r"rel_width has shape \(7, 4\).*\(5, 3\)"):
-    resolution.fit_variables({"params": {"rel_width": jnp.zeros((7, 4))}},
-                             {"params": {"rel_width": jax.ShapeDtypeStruct((5, 3), jnp.float32)}})
+  layer = AAConv(features=8, num_heads=2, min_key_depth_per_head=2)
+  layer_variables = layer.init(jax.random.key(0), jnp.zeros((1, 6, 5, 4)))
+  layer_variables["params"]["rel_width"] = jnp.zeros((9, 3))
+  with pytest.raises(VariableMismatchError, match=r"rel_width has shape \(9, 3\).*\(15, 2\)"):
+    resolution.convert_variables(layer, layer_variables, (1, 6, 8, 4))
 
 
 def test_bad_requests_are_refused(tiny):
