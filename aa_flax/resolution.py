@@ -59,6 +59,7 @@ def resample_table(table: jax.Array, length: int, method: str = DEFAULT_METHOD) 
   old = (table.shape[0] + 1) // 2
   if old == length:
     return table
+  table = jnp.asarray(table)
   offsets = jnp.arange(-(length - 1), length, dtype=jnp.float32)  # new offsets r'
   if method == "interpolate":
     offsets = offsets * (old / length)
@@ -79,7 +80,7 @@ def resize_gather_kernel(kernel: jax.Array, height: int, width: int) -> jax.Arra
   old_h, old_w, channels = kernel.shape
   if (old_h, old_w) == (height, width):
     return kernel
-  resized = jax.image.resize(kernel.astype(jnp.float32), (height, width, channels), "linear")
+  resized = jax.image.resize(jnp.asarray(kernel, jnp.float32), (height, width, channels), "linear")
   return (resized * (old_h * old_w / (height * width))).astype(kernel.dtype)
 
 
