@@ -32,10 +32,14 @@ import numpy as np
 
 from aa_flax import resolution
 from benchmarks import common
+from benchmarks.bench_train import parse_override
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SIZE = 32
 COLUMNS = ("input", "size", "tables", "top1", "note")
+# Config keys set for every run unless --set gives them: the pooled stage-2 attention halves
+# the training time on CPU.
+DEFAULT_SETTINGS = ("model.width=16", "model.attention_pool_stages=(1,)")
 
 
 def write_subsets(data_dir: str, out_dir: str, train_examples: int,
@@ -60,8 +64,6 @@ def run_config(args, train_file: str, eval_file: str, image_size: int, num_steps
   """``configs/default.py`` (aa_resnet_tiny) on the npz subset at ``image_size``."""
   from aa_flax.config_utils import load_config
   config = load_config(os.path.join(REPO_ROOT, "configs", "default.py"))
-  config.model.width = args.width
-  config.model.attention_pool_stages = tuple(args.attention_pool_stages)
   config.data.name = "npz"
   config.data.train_files = train_file
   config.data.eval_files = eval_file
@@ -76,6 +78,12 @@ def run_config(args, train_file: str, eval_file: str, image_size: int, num_steps
   config.log_every_steps = max(1, min(50, num_steps))
   config.checkpoint_every_steps = num_steps
   config.keep_checkpoints = 1
+  for key, value in args.set:
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
   return config
 
 
@@ -203,8 +211,9 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--eval-batch", type=int, default=500)
   parser.add_argument("--learning-rate", type=float, default=0.4, help="per 256 examples")
-  parser.add_argument("--width", type=int, default=16)
-  parser.add_argument("--attention-pool-stages", type=int, nargs="*", default=[1])
+  parser.add_argument("--set", action="append", type=parse_override, default=[],
+                      help="config key=value for every run, e.g. model.width=8 (repeatable; "
+                           f"defaults: {' '.join(DEFAULT_SETTINGS)})")
   parser.add_argument("--sizes", type=int, nargs="+", default=[24, 32, 40, 48])
   parser.add_argument("--finetune-size", type=int, default=48)
   parser.add_argument("--finetune-steps", type=int, default=40)
@@ -213,6 +222,9 @@ def main(argv=None):
   parser.add_argument("--name", default="resolution_transfer")
   parser.add_argument("--out-dir", default=common.RESULTS_DIR)
   args = parser.parse_args(argv)
+  given = {key for key, _ in args.set}
+  args.set = [parse_override(s) for s in DEFAULT_SETTINGS
+              if parse_override(s)[0] not in given] + args.set
   rows = run(args)
   extra = {key: value for key, value in vars(args).items() if key not in ("out_dir", "name")}
   common.save_results(args.name, rows, COLUMNS, common.environment(), args.out_dir, extra)
