@@ -1,21 +1,21 @@
 """Accuracy of a 32 px attention-augmented model at other image sizes (relative tables moved
 by each ``aa_flax.resolution`` method, re-initialised, or not converted at all).
 
-1. Trains ``aa_resnet_tiny`` at 32x32 on a subset of a CIFAR-10 npz copy with
-   ``aa_flax.train_and_evaluate`` (rerunning with the same ``--workdir`` reuses the run).
-2. Evaluates its final checkpoint on the first ``--eval-examples`` test images at every
-   ``--sizes`` with the tables converted by each method, re-initialised at the new size
-   (everything else trained), and as trained (which the model refuses at any other size: the
-   error is recorded). Two input conditions: ``resized`` (the image resized to the size,
-   bilinear, as the eval pipeline does) and ``canvas`` (the 32 px image pasted in the middle
-   of a size x size canvas of the mean colour: same object scale, larger view; sizes > 32).
+1. Trains ``configs/cifar10_evidence.py:aa_resnet_tiny`` at 32x32 on a class-balanced subset
+   of a CIFAR-10 npz copy with ``aa_flax.train_and_evaluate`` (a finished run is reused).
+2. Evaluates its final checkpoint on a class-balanced test subset at every ``--sizes`` with
+   the tables converted by each method, re-initialised at the new size (everything else
+   trained), and as trained (which the model refuses at any other size: the error is
+   recorded). Two input conditions: ``resized`` (the image resized to the size, bilinear, as
+   the eval pipeline does) and ``canvas`` (the 32 px image pasted in the middle of a
+   size x size canvas of the mean colour: same object scale, larger view; sizes > 32).
 3. Fine-tunes at ``--finetune-size`` from that checkpoint (``config.init_from_checkpoint``),
    once per method, and evaluates at that size.
 
-Accuracy does not depend on machine load; wall times printed do.
+``--data-dir`` holds ``cifar10_train_part{0,1}.npz`` and ``cifar10_test.npz`` (as for
+``benchmarks.cifar10_evidence``). Accuracy does not depend on machine load; wall times do.
 
-Example (the table in docs/RESOLUTION.md):
-  python -m benchmarks.resolution_transfer --data-dir ../shared/data --workdir /tmp/aa_res
+  python -m benchmarks.resolution_transfer --data-dir=<dir> --workdir=/tmp/aa_resolution
 """
 
 from __future__ import annotations
@@ -31,45 +31,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from aa_flax import resolution
-from benchmarks import common
+from benchmarks import cifar10_evidence, common
 from benchmarks.bench_train import parse_override
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SIZE = 32
 COLUMNS = ("input", "size", "tables", "top1", "note")
-# Config keys set for every run unless --set gives them: the pooled stage-2 attention halves
-# the training time on CPU.
-DEFAULT_SETTINGS = ("model.width=16", "model.attention_pool_stages=(1,)")
+# Config keys set for every run unless --set gives them: pooling the stage-2 attention (16x16
+# -> 8x8) halves the training time on CPU.
+DEFAULT_SETTINGS = ("model.attention_pool_stages=(1,)",)
 
 
-def write_subsets(data_dir: str, out_dir: str, train_examples: int,
-                  eval_examples: int) -> tuple[str, str]:
-  """The first examples of ``cifar10_train_part0.npz`` / ``cifar10_test.npz`` as npz files."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = []
-  for source, count, name in (("cifar10_train_part0.npz", train_examples, "train.npz"),
-                              ("cifar10_test.npz", eval_examples, "eval.npz")):
-    path = os.path.join(out_dir, name)
-    with np.load(os.path.join(data_dir, source)) as data:
-      images, labels = data["images"], data["labels"]
-    if count > len(images):
-      raise ValueError(f"{source} has {len(images)} images, fewer than the {count} asked for")
-    np.savez(path, images=images[:count], labels=labels[:count])
-    paths.append(path)
-  return paths[0], paths[1]
-
-
-def run_config(args, train_file: str, eval_file: str, image_size: int, num_steps: int,
+def run_config(args, train_file: str, test_file: str, image_size: int, num_steps: int,
                learning_rate: float, warmup_epochs: float):
-  """``configs/default.py`` (aa_resnet_tiny) on the npz subset at ``image_size``."""
+  """The CIFAR-10 evidence recipe for ``aa_resnet_tiny`` at ``image_size``, ``num_steps``."""
   from aa_flax.config_utils import load_config
-  config = load_config(os.path.join(REPO_ROOT, "configs", "default.py"))
-  config.data.name = "npz"
+  config = load_config(f"{cifar10_evidence.CONFIG}:aa_resnet_tiny")
   config.data.train_files = train_file
-  config.data.eval_files = eval_file
-  config.data.augment = "cifar"
+  config.data.eval_files = test_file
   config.data.image_size = image_size
-  config.data.num_threads = 2
   config.batch_size = args.batch
   config.eval_batch_size = args.eval_batch
   config.num_train_steps = num_steps
@@ -77,7 +56,6 @@ def run_config(args, train_file: str, eval_file: str, image_size: int, num_steps
   config.optimizer.warmup_epochs = warmup_epochs
   config.log_every_steps = max(1, min(50, num_steps))
   config.checkpoint_every_steps = num_steps
-  config.keep_checkpoints = 1
   for key, value in args.set:
     *parents, leaf = key.split(".")
     node = config
@@ -146,21 +124,20 @@ def table_variants(model, variables, input_shape, seed: int) -> dict[str, Any]:
 
 
 def run(args) -> list[dict[str, Any]]:
-  import aa_flax
   from aa_flax.checkpoint import read_state_arrays
   from aa_flax.data import load_splits
   from aa_flax.trainer import build_model
 
-  train_file, eval_file = write_subsets(args.data_dir, os.path.join(args.workdir, "data"),
-                                        args.train_examples, args.eval_examples)
+  train_file, test_file = cifar10_evidence.write_subsets(
+      args.data_dir, os.path.join(args.workdir, "data"), args.train_examples,
+      args.test_examples)
   steps = int(np.ceil(args.epochs * args.train_examples / args.batch))
-  config = run_config(args, train_file, eval_file, TRAIN_SIZE, steps, args.learning_rate,
-                      warmup_epochs=min(1.0, args.epochs / 4))
-  start = time.perf_counter()
-  trained = aa_flax.train_and_evaluate(config, os.path.join(args.workdir, f"train{TRAIN_SIZE}"))
-  print(f"trained {steps} steps at {TRAIN_SIZE} px in {time.perf_counter() - start:.0f} s: "
-        f"top1 {trained['top1']:.4f}", flush=True)
-  checkpoint = latest_step_dir(os.path.join(args.workdir, f"train{TRAIN_SIZE}"))
+  config = run_config(args, train_file, test_file, TRAIN_SIZE, steps, args.learning_rate,
+                      warmup_epochs=min(0.5, args.epochs / 4))
+  workdir = os.path.join(args.workdir, f"train{TRAIN_SIZE}")
+  notes = [f"{args.data_note}: {args.train_examples:,} training images (class-balanced)"]
+  cifar10_evidence.train(config, workdir, notes)
+  checkpoint = latest_step_dir(workdir)
   state = read_state_arrays(checkpoint)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   splits = load_splits(config.data, seed=config.seed)
@@ -185,13 +162,13 @@ def run(args) -> list[dict[str, Any]]:
         print(row, flush=True)
 
   for method in resolution.RESAMPLE_METHODS if args.finetune_steps else ():
-    config = run_config(args, train_file, eval_file, args.finetune_size, args.finetune_steps,
+    config = run_config(args, train_file, test_file, args.finetune_size, args.finetune_steps,
                         args.finetune_learning_rate, warmup_epochs=0.0)
     config.init_from_checkpoint = checkpoint
     config.resample_method = method
     start = time.perf_counter()
-    result = aa_flax.train_and_evaluate(
-        config, os.path.join(args.workdir, f"finetune{args.finetune_size}_{method}"))
+    result = cifar10_evidence.train(
+        config, os.path.join(args.workdir, f"finetune{args.finetune_size}_{method}"), notes)
     rows.append({"input": "resized", "size": args.finetune_size, "tables": method,
                  "top1": result["top1"],
                  "note": f"after {args.finetune_steps} fine-tuning steps at "
@@ -202,15 +179,19 @@ def run(args) -> list[dict[str, Any]]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data-dir", default=os.path.join(REPO_ROOT, "..", "shared", "data"),
-                      help="holds cifar10_train_part0.npz and cifar10_test.npz")
+  parser.add_argument("--data-dir", required=True,
+                      help="directory with cifar10_train_part{0,1}.npz and cifar10_test.npz")
+  parser.add_argument("--data-note", default="CIFAR-10 (JPEG q75 copy, not bit-exact CIFAR-10)",
+                      help="what the data is, saved with the results")
   parser.add_argument("--workdir", required=True, help="runs and data subsets go here")
-  parser.add_argument("--train-examples", type=int, default=10_000)
-  parser.add_argument("--eval-examples", type=int, default=2_000)
+  parser.add_argument("--train-examples", type=int, default=10_000,
+                      help="class-balanced training subset (a multiple of 10)")
+  parser.add_argument("--test-examples", type=int, default=2_000,
+                      help="class-balanced test subset (a multiple of 10)")
   parser.add_argument("--epochs", type=float, default=4.0)
   parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--eval-batch", type=int, default=500)
-  parser.add_argument("--learning-rate", type=float, default=0.4, help="per 256 examples")
+  parser.add_argument("--eval-batch", type=int, default=400)
+  parser.add_argument("--learning-rate", type=float, default=0.2, help="per 256 examples")
   parser.add_argument("--set", action="append", type=parse_override, default=[],
                       help="config key=value for every run, e.g. model.width=8 (repeatable; "
                            f"defaults: {' '.join(DEFAULT_SETTINGS)})")

@@ -50,12 +50,13 @@ def test_transfer_runs_on_cifar_shaped_files(tmp_path):
   data = tmp_path / "data"
   data.mkdir()
   rng = np.random.default_rng(0)
-  for name, count in (("cifar10_train_part0.npz", 40), ("cifar10_test.npz", 20)):
+  for name, count in (("cifar10_train_part0.npz", 20), ("cifar10_train_part1.npz", 20),
+                      ("cifar10_test.npz", 20)):
     np.savez(data / name, images=rng.integers(0, 256, (count, 32, 32, 3), np.uint8),
              labels=np.arange(count) % 10)
   rows = resolution_transfer.main([
-      "--data-dir", str(data), "--workdir", str(tmp_path / "work"), "--train-examples", "32",
-      "--eval-examples", "20", "--epochs", "2", "--batch", "16", "--eval-batch", "8",
+      "--data-dir", str(data), "--workdir", str(tmp_path / "work"), "--train-examples", "30",
+      "--test-examples", "20", "--epochs", "1", "--batch", "16", "--eval-batch", "8",
       "--set", "model.width=4", "--sizes", "32", "40", "--finetune-steps", "0",
       "--out-dir", str(tmp_path / "results")])
   by_key = {(r["input"], r["size"], r["tables"]): r for r in rows}
