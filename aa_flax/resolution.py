@@ -164,8 +164,8 @@ def convert_variables(model, variables: Any, input_shape: Sequence[int], *,
   # Collections the caller left out (e.g. batch_stats when converting params) are not needed.
   target = {name: tree for name, tree in target.items() if name in variables}
   resamplers = _size_dependent_variables()
-  source_leaves = dict(_leaves_by_path(variables))
-  target_leaves = dict(_leaves_by_path(target))
+  source_leaves = dict(leaves_by_path(variables))
+  target_leaves = dict(leaves_by_path(target))
   missing = sorted(set(target_leaves) - set(source_leaves))
   extra = sorted(set(source_leaves) - set(target_leaves))
   if missing or extra:
@@ -204,7 +204,7 @@ def convert_variables(model, variables: Any, input_shape: Sequence[int], *,
 def table_lengths(variables: Any) -> dict[str, int]:
   """``{path: L}`` for every relative table ``[2L-1, d]`` in ``variables`` (in tree order):
   the spatial size each AAConv's attention sees along that table's axis."""
-  return {path: (leaf.shape[0] + 1) // 2 for path, leaf in _leaves_by_path(variables)
+  return {path: (leaf.shape[0] + 1) // 2 for path, leaf in leaves_by_path(variables)
           if path.rsplit("/", 1)[-1] in TABLE_NAMES}
 
 
@@ -212,7 +212,8 @@ def _path_string(path) -> str:
   return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
 
 
-def _leaves_by_path(tree) -> list[tuple[str, Any]]:
+def leaves_by_path(tree) -> list[tuple[str, Any]]:
+  """``[(path, leaf)]`` in tree order; paths join dict keys with "/" (``params/conv/kernel``)."""
   return [(_path_string(path), leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 

@@ -123,6 +123,25 @@ def table_variants(model, variables, input_shape, seed: int) -> dict[str, Any]:
   return variants
 
 
+def relative_change(model, variables, seed: int, input_shape) -> dict[str, float]:
+  """Mean |trained - initial| / mean |initial| of the relative tables and of the qkv kernels
+  of the AAConvs, with the initial variables re-created as ``train_and_evaluate`` creates
+  them (``model.init`` with ``jax.random.key(seed)`` for params and dropout)."""
+  key = jax.random.key(seed)
+  initial = jax.jit(lambda x: model.init({"params": key, "dropout": key}, x, train=False))(
+      jnp.zeros(input_shape, jnp.float32))
+  sums = {"tables": [0.0, 0.0], "qkv kernels": [0.0, 0.0]}
+  initial_leaves = dict(resolution.leaves_by_path(initial["params"]))
+  for path, leaf in resolution.leaves_by_path(variables["params"]):
+    kind = ("tables" if path.rsplit("/", 1)[-1] in resolution.TABLE_NAMES
+            else "qkv kernels" if path.endswith("qkv/kernel") else None)
+    if kind:
+      start = np.asarray(initial_leaves[path])
+      sums[kind][0] += float(np.abs(np.asarray(leaf) - start).sum())
+      sums[kind][1] += float(np.abs(start).sum())
+  return {kind: change / size for kind, (change, size) in sums.items()}
+
+
 def run(args) -> list[dict[str, Any]]:
   from aa_flax.checkpoint import read_state_arrays
   from aa_flax.data import load_splits
@@ -144,6 +163,8 @@ def run(args) -> list[dict[str, Any]]:
   model = build_model(config, splits.num_classes, jnp.float32)
   images, labels = splits.eval.images, splits.eval.labels
   predict = make_predict(model, splits.mean, splits.std)
+  change = relative_change(model, variables, config.seed, (1, *images.shape[1:]))
+  print(f"relative change from initialisation: {change}", flush=True)
 
   rows = []
   for condition in ("resized", "canvas"):
@@ -174,7 +195,7 @@ def run(args) -> list[dict[str, Any]]:
                  "note": f"after {args.finetune_steps} fine-tuning steps at "
                          f"{args.finetune_size} px ({time.perf_counter() - start:.0f} s)"})
     print(rows[-1], flush=True)
-  return rows
+  return rows, change
 
 
 def main(argv=None):
@@ -206,8 +227,9 @@ def main(argv=None):
   given = {key for key, _ in args.set}
   args.set = [parse_override(s) for s in DEFAULT_SETTINGS
               if parse_override(s)[0] not in given] + args.set
-  rows = run(args)
+  rows, change = run(args)
   extra = {key: value for key, value in vars(args).items() if key not in ("out_dir", "name")}
+  extra["relative_change_from_init"] = change
   common.save_results(args.name, rows, COLUMNS, common.environment(), args.out_dir, extra)
   return rows
 

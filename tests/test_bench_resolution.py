@@ -66,3 +66,5 @@ def test_transfer_runs_on_cifar_shaped_files(tmp_path):
   saved = json.loads((tmp_path / "results" / "resolution_transfer.json").read_text())
   assert ["model.width", 4] in saved["extra"]["set"]
   assert len(saved["rows"]) == 4 * 3
+  change = saved["extra"]["relative_change_from_init"]
+  assert set(change) == {"tables", "qkv kernels"} and change["qkv kernels"] > 0

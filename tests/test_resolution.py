@@ -82,8 +82,8 @@ def test_every_family_converts_to_a_non_square_size(name):
   converted = jax.eval_shape(
       lambda v: resolution.convert_variables(model, v, (2, 80, 40, 3)), source)
   assert jax.tree.map(lambda a: a.shape, converted) == jax.tree.map(lambda a: a.shape, target)
-  changed = {path for (path, old), (_, new) in zip(resolution._leaves_by_path(source),
-                                                   resolution._leaves_by_path(converted))
+  changed = {path for (path, old), (_, new) in zip(resolution.leaves_by_path(source),
+                                                   resolution.leaves_by_path(converted))
              if old.shape != new.shape}
   tables = set(resolution.table_lengths(source))
   relative = getattr(model, "attention", None) is not None and \
@@ -158,8 +158,8 @@ def test_converted_model_runs_larger_and_smaller(tiny, method, shape):
   new_lengths = resolution.table_lengths(converted)
   assert all(new_lengths[path] != length for path, length in old_lengths.items())
   # Only the tables changed; batch statistics and every other parameter are the same arrays.
-  converted_leaves = dict(resolution._leaves_by_path(converted))
-  for path, leaf in resolution._leaves_by_path(variables):
+  converted_leaves = dict(resolution.leaves_by_path(converted))
+  for path, leaf in resolution.leaves_by_path(variables):
     assert (converted_leaves[path] is leaf) == (path not in old_lengths)
   # Without conversion the model refuses and names the converter.
   with pytest.raises(ValueError, match="aa_flax.resolution.convert_variables"):
