@@ -12,7 +12,8 @@ import aa_flax
 from aa_flax import resolution, trainer
 from aa_flax.checkpoint import read_state_arrays
 from aa_flax.data import load_splits, preprocess
-from aa_flax.errors import ConfigError, VariableMismatchError, WorkdirError
+from aa_flax.errors import (ConfigError, ConfigMismatchError, VariableMismatchError,
+                            WorkdirError)
 from aa_flax.models import create_model
 from test_train_support import (assert_trees_equal, final_state, read_json, run_train_py,
                                 tiny_config)
@@ -72,7 +73,8 @@ def test_finetune_starts_from_the_converted_checkpoint_and_resumes_exactly(check
                                                                           tmp_path):
   """With a zero learning rate the parameters stay exactly the converted ones, while BN
   statistics, the optimizer state (fresh at the start) and the data position move; a run
-  killed between its checkpoints resumes from its own checkpoint, bitwise."""
+  killed between its checkpoints resumes from its own checkpoint, bitwise, and not from
+  another starting checkpoint."""
   config = tiny_config(num_train_steps=4, checkpoint_every_steps=2, log_every_steps=2,
                        init_from_checkpoint=str(checkpoint), data__image_size=NEW_SIZE,
                        optimizer__base_learning_rate=0.0, optimizer__warmup_epochs=0.0)
@@ -92,6 +94,10 @@ def test_finetune_starts_from_the_converted_checkpoint_and_resumes_exactly(check
   (resumed / "eval_results.json").unlink()
   assert aa_flax.train_and_evaluate(config, str(resumed)) == result
   assert_trees_equal(final_state(resumed), state)
+  # The starting point is part of the recipe: resuming with another one is refused.
+  config.init_from_checkpoint = str(checkpoint.parent / "3")
+  with pytest.raises(ConfigMismatchError, match="init_from_checkpoint: checkpoint"):
+    aa_flax.train_and_evaluate(config, str(resumed))
 
 
 @pytest.mark.parametrize("overrides,error,match", [
