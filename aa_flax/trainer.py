@@ -325,7 +325,8 @@ def _disk_full_is_a_workdir_error(workdir) -> Iterator[None]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        model: nn.Module | None = None,
                        progress: str | Progress = "auto") -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint) and evaluates.
+  """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint; without one,
+  starting from ``config.init_from_checkpoint`` if set) and evaluates.
 
   Args:
     config: a config built on ``aa_flax.config_utils.base_config()`` (see ``configs/``).

@@ -69,6 +69,16 @@ def test_eval_only_at_a_new_size_is_conversion_plus_apply(checkpoint, tmp_path, 
   assert result["top1"] == pytest.approx(expected, abs=1e-9)
 
 
+def test_eval_only_without_a_path_converts_the_workdirs_newest_checkpoint(checkpoint, tmp_path):
+  workdir = tmp_path / "trained"
+  shutil.copytree(checkpoint.parent.parent, workdir)
+  explicit = tiny_config(eval_only=True, checkpoint_path=str(checkpoint),
+                         data__image_size=NEW_SIZE)
+  newest = tiny_config(eval_only=True, data__image_size=NEW_SIZE)
+  assert (aa_flax.train_and_evaluate(newest, str(workdir))
+          == aa_flax.train_and_evaluate(explicit, str(tmp_path / "eval")))
+
+
 def test_finetune_starts_from_the_converted_checkpoint_and_resumes_exactly(checkpoint,
                                                                           tmp_path):
   """With a zero learning rate the parameters stay exactly the converted ones, while BN
