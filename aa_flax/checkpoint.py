@@ -196,15 +196,7 @@ class Checkpointer:
 
   def restore_path(self, location: str, abstract_state: Any) -> Restored:
     """Restores the checkpoint step directory ``location`` (for evaluation-only runs)."""
-    step_dir = storage.path(location)
-    if not (step_dir / "state").exists():
-      raise WorkdirError(f"{step_dir} is not a checkpoint step directory (it has no 'state' "
-                         "item); pass e.g. <workdir>/checkpoints/<step>.")
-    try:
-      step = int(step_dir.name)
-    except ValueError as error:
-      raise WorkdirError(f"{step_dir}: a checkpoint step directory is named by its step."
-                         ) from error
+    step_dir, step = _step_directory(location)
     try:
       integrity.verify_digest(step_dir)
     except integrity.DigestMismatchError as error:
@@ -215,6 +207,25 @@ class Checkpointer:
           state=args.StandardRestore(abstract_state), extra=args.JsonRestore(),
           config=args.JsonRestore()))
     return Restored(step, result["state"], result["extra"], result["config"], step_dir)
+
+  def restore_path_as_saved(self, location: str, sharding) -> Restored:
+    """Restores the step directory ``location`` with the shapes it was saved with (read from
+    its metadata) instead of the current model's: ``state`` is a dict of ``step``,
+    ``params``, ``batch_stats`` and ``opt_state`` arrays placed with ``sharding``. For moving
+    a checkpoint to another image size (``aa_flax.resolution``)."""
+    import orbax.checkpoint as ocp
+    state_dir = _step_directory(location)[0] / "state"
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        metadata = reader.metadata(state_dir).item_metadata
+      if metadata is None:
+        raise ValueError("no metadata")
+    except Exception as error:  # noqa: BLE001 - an unreadable item
+      raise WorkdirError(f"Cannot read the train state of checkpoint {storage.path(location)} "
+                         f"({_first_line(error)}).") from error
+    saved = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                           sharding=sharding), metadata)
+    return self.restore_path(location, saved)
 
   def _verify(self, step: int) -> bool:
     verified = integrity.verify_digest(self.step_path(step))
@@ -248,6 +259,19 @@ class Checkpointer:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("aa_flax_quarantine")
     self.manager.reload()
+
+
+def _step_directory(location: str) -> tuple[epath.Path, int]:
+  """``(path, step)`` of a checkpoint step directory; ``WorkdirError`` if it is not one."""
+  step_dir = storage.path(location)
+  if not (step_dir / "state").exists():
+    raise WorkdirError(f"{step_dir} is not a checkpoint step directory (it has no 'state' "
+                       "item); pass e.g. <workdir>/checkpoints/<step>.")
+  try:
+    return step_dir, int(step_dir.name)
+  except ValueError as error:
+    raise WorkdirError(f"{step_dir}: a checkpoint step directory is named by its step."
+                       ) from error
 
 
 def read_state_arrays(step_dir: str) -> dict[str, Any]:

@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.eval_only = False
   config.checkpoint_path = ""  # eval-only: a checkpoint step directory; empty: newest in workdir
+  # A checkpoint step directory to start training from (its params and BN statistics, moved to
+  # this run's image size; fresh optimizer state), used while the workdir has no checkpoint.
+  config.init_from_checkpoint = ""
+  config.resample_method = "interpolate"  # interpolate | extend: relative tables at a new size
   config.on_nonfinite = "stop"  # stop | skip (the step's update is dropped)
   config.max_skipped_fraction = 0.1  # skip: fail once more of the steps so far were skipped
   config.allow_config_mismatch = False  # resume despite model/data/recipe changes (warned)
@@ -147,6 +151,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.data.image_size and config.data.num_classes must be >= 0 "
                       f"(0: from the data); got {config.data.image_size}, "
                       f"{config.data.num_classes}.")
+  from aa_flax.resolution import RESAMPLE_METHODS
+  if config.resample_method not in RESAMPLE_METHODS:
+    raise ConfigError(f"Unknown config.resample_method={config.resample_method!r}; valid: "
+                      f"{', '.join(RESAMPLE_METHODS)}.")
+  if config.eval_only and config.init_from_checkpoint:
+    raise ConfigError("config.init_from_checkpoint starts training; to evaluate a checkpoint "
+                      "set config.checkpoint_path instead.")
   _check_range("optimizer.base_learning_rate", config.optimizer.base_learning_rate, 0.0, None)
   _check_range("optimizer.warmup_epochs", config.optimizer.warmup_epochs, 0.0, None)
   _check_range("label_smoothing", config.label_smoothing, 0.0, 1.0, upper_open=True)

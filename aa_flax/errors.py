@@ -31,3 +31,7 @@ class WorkdirError(AAFlaxError, OSError):
 
 class NonFiniteError(AAFlaxError, FloatingPointError):
   """Training produced a non-finite loss or gradient."""
+
+
+class VariableMismatchError(AAFlaxError, ValueError):
+  """Variables (or a checkpoint) do not belong to the model they are used with."""

@@ -204,8 +204,9 @@ class AAConv(nn.Module):
         raise ValueError(
             f"AAConv at {where}: the attention input is {length} along the axis of {name}, "
             f"which needs a table of shape {shape}, but the parameters hold {existing.shape}. "
-            f"Relative tables are sized at init from the spatial size "
-            f"attention sees; use the image size the model was created with.")
+            f"Relative tables are sized at init from the spatial size attention sees; "
+            f"convert the variables with aa_flax.resolution.convert_variables, or use the "
+            f"image size they were made for.")
     init = nn.initializers.normal(stddev=attention.relative_table_stddev(depth))
     return self.param(name, init, shape, self.param_dtype)
 

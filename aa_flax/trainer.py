@@ -332,7 +332,8 @@ def _disk_full_is_a_workdir_error(workdir) -> Iterator[None]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        model: nn.Module | None = None,
                        progress: str | Progress = "auto") -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint) and evaluates.
+  """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint; without one,
+  starting from ``config.init_from_checkpoint`` if set) and evaluates.
 
   Args:
     config: a config built on ``aa_flax.config_utils.base_config()`` (see ``configs/``).
@@ -387,12 +388,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config.optimizer, config.batch_size, pipeline.steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config.optimizer, learning_rate)
 
+  def state_from(variables, step):
+    params = variables["params"]
+    return TrainState(step=step, params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params))
+
   def init_state(key):
     images = jnp.zeros((1, *pipeline.image_shape), dtype)
     variables = model.init({"params": key, "dropout": key}, images, train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+    return state_from(variables, jnp.zeros((), jnp.int32))
 
   init_key = jax.random.key(config.seed)
   try:
@@ -416,20 +420,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   eval_step = jax.jit(make_eval_step(model, **norm),
                       in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                       out_shardings=parallel.replicated(mesh))
+
+  def checkpoint_state(checkpointer, location: str, step: int | None = None):
+    """(restored checkpoint, its state at this run's image size; step: its own or ``step``)."""
+    restored, variables = _checkpoint_variables(config, checkpointer, location, model,
+                                                pipeline.image_shape, mesh)
+    step = restored.step if step is None else step
+    return restored, _run_once(state_from, variables, jnp.asarray(step, jnp.int32),
+                               out_shardings=state_sharding)
+
   with workdir_lock(workdir), _disk_full_is_a_workdir_error(workdir):
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                 async_save=config.async_checkpointing)
     try:
       if config.eval_only:
-        return _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step,
+        return _evaluate_only(config, workdir, checkpointer, checkpoint_state, eval_step,
                               pipeline, mesh, is_main, progress)
       restored = _resume(config, splits.fingerprint, checkpointer, abstract_state, total_steps,
                          progress)
-      if restored is None:
+      extra: dict[str, Any] = {}
+      start_step = 0
+      if restored is None and config.init_from_checkpoint:
+        source, state = checkpoint_state(checkpointer, config.init_from_checkpoint, step=0)
+        progress.line("Starting from the params and BN statistics of %s (step %d) at image "
+                      "shape %s, with a fresh optimizer state.", source.path, source.step,
+                      pipeline.image_shape)
+      elif restored is None:
         progress.line("Initialising the model's variables (compiles its init)...")
         state = _run_once(init_state, init_key, out_shardings=state_sharding)
-        extra: dict[str, Any] = {}
-        start_step = 0
       else:
         state, extra, start_step = restored.state, restored.extra, restored.step
       config_dict = config_utils.config_to_dict(config)
@@ -490,17 +508,47 @@ def _resume(config, data_fingerprint: str, checkpointer, abstract_state, total_s
   return restored
 
 
-def _evaluate_only(config, workdir, checkpointer, abstract_state, eval_step, pipeline, mesh,
+def _checkpoint_variables(config, checkpointer, location: str, model: nn.Module,
+                          image_shape: tuple[int, ...], mesh):
+  """The params and BN statistics of checkpoint ``location`` (restored with its own shapes,
+  digest checked), converted to ``image_shape`` by ``config.resample_method``.
+
+  Returns ``(restored, variables)``. Raises ``VariableMismatchError`` for a checkpoint of
+  another model (another name, or variables that differ other than in size).
+  """
+  from aa_flax import resolution
+  from aa_flax.errors import VariableMismatchError
+  restored = checkpointer.restore_path_as_saved(location, parallel.replicated(mesh))
+  saved_name = restored.config.get("model", {}).get("name")
+  if saved_name != config.model.name:
+    raise VariableMismatchError(
+        f"Checkpoint {restored.path} holds a {saved_name!r} model but config.model.name is "
+        f"{config.model.name!r}; use the model the checkpoint was trained as.")
+  variables = {name: restored.state[name] for name in ("params", "batch_stats")
+               if restored.state.get(name)}
+  try:
+    converted = resolution.convert_variables(model, variables, (1, *image_shape),
+                                             method=config.resample_method)
+  except VariableMismatchError as error:
+    raise VariableMismatchError(f"Checkpoint {restored.path} does not fit config.model: "
+                                f"{error}") from error
+  return restored, converted
+
+
+def _evaluate_only(config, workdir, checkpointer, checkpoint_state, eval_step, pipeline, mesh,
                    is_main, progress: Progress) -> dict[str, Any]:
-  if config.checkpoint_path:
-    restored = checkpointer.restore_path(config.checkpoint_path, abstract_state)
-  else:
-    restored = checkpointer.restore_latest(abstract_state)
-    if restored is None:
+  """Evaluates ``config.checkpoint_path`` (else the workdir's newest checkpoint) at the
+  configured image size; the checkpoint itself is only read."""
+  location = config.checkpoint_path
+  if not location:
+    newest = checkpointer.latest_step()
+    if newest is None:
       raise WorkdirError(f"eval_only: no checkpoint in {checkpointer.directory}; set "
                          "config.checkpoint_path to a checkpoint step directory.")
+    location = str(checkpointer.step_path(newest))
+  restored, state = checkpoint_state(checkpointer, location)
   with PreemptionWatcher() as watcher:
-    metrics = evaluate(eval_step, restored.state, pipeline, mesh, watcher.should_stop, progress)
+    metrics = evaluate(eval_step, state, pipeline, mesh, watcher.should_stop, progress)
   if metrics is None:
     logging.warning("Preempted during the evaluation of %s; rerun to evaluate.", restored.path)
     return {"step": restored.step, "preempted": True}

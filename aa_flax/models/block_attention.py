@@ -168,7 +168,8 @@ class GatherExcite(nn.Module):
 
   With global extent the paper's excite interpolation is a broadcast. The θ and θ⁺ gather
   kernels are sized from the feature map at init (56, 28, 14, 7 in a 224 px ResNet-50), so a
-  model holding them must be applied at the image size it was initialised at. Placement:
+  model holding them runs at another image size only after
+  ``aa_flax.resolution.convert_variables``. Placement:
   ``"residual"``. Smaller extents (strided gathers + nearest upsampling) are not implemented.
   """
   placement = "residual"
@@ -185,8 +186,8 @@ class GatherExcite(nn.Module):
         raise ValueError(
             f"GatherExcite at {where}: the feature map is {height}x{width}x{channels} but the "
             f"gather kernel was initialised for {existing[0]}x{existing[1]}x{existing[2]}; "
-            f"GE-θ gathers with a kernel the size of the map, so apply the model at the "
-            f"image size it was initialised at.")
+            f"GE-θ gathers with a kernel the size of the map; convert the variables with "
+            f"aa_flax.resolution.convert_variables, or use the image size they were made for.")
     fan_in = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                               in_axis=(0, 1), out_axis=-1)
     return self.param("kernel", fan_in, shape)
