@@ -405,9 +405,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ConfigError(f"config.model (name={config.model.name!r}, settings="
                       f"{config_utils.model_overrides(config.model)}) at image shape "
                       f"{pipeline.image_shape}: {error}") from error
-  progress.line("Model %s: %.2fM parameters; %d steps of global batch %d (%.3g epochs) on %d "
+  epochs = total_steps / pipeline.steps_per_epoch
+  progress.line("Model %s: %.2fM parameters; %d steps of global batch %d (%.3g epoch%s) on %d "
                 "device(s).", model_name, _num_parameters(abstract_state.params) / 1e6,
-                total_steps, config.batch_size, total_steps / pipeline.steps_per_epoch,
+                total_steps, config.batch_size, epochs, "" if epochs == 1 else "s",
                 jax.device_count())
   state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
   abstract_state = jax.tree.map(
