@@ -28,11 +28,13 @@ MODES = ("auto", "log", "print", "bar", "none")
 
 
 def _in_notebook() -> bool:
-  shell = sys.modules.get("IPython")
-  try:
-    return shell is not None and "Kernel" in type(shell.get_ipython()).__name__
-  except AttributeError:
+  """Whether this runs in a Jupyter or Colab kernel (not a terminal IPython)."""
+  ipython_module = sys.modules.get("IPython")
+  ipython = ipython_module.get_ipython() if ipython_module else None
+  if ipython is None:
     return False
+  return "IPKernelApp" in getattr(ipython, "config", {}) or \
+      type(ipython).__module__.startswith("google.colab")
 
 
 def _tqdm():

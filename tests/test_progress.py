@@ -1,6 +1,8 @@
 """Progress reporting: heartbeat timing, rates, eval counts, modes (no training here)."""
 
 import logging
+import sys
+import types
 
 import pytest
 
@@ -102,7 +104,15 @@ def test_bar_mode_advances_a_bar_and_keeps_lines(capsys):
   assert "eval line" in err and "6/6" in err and "step 5/6:" not in err  # bars, no heartbeats
 
 
-def test_auto_is_print_outside_a_notebook_and_bad_modes_are_named():
+def test_auto_is_bar_in_a_notebook_kernel_and_print_elsewhere(monkeypatch):
   assert Progress("auto").mode == "print"
+  for config, mode in (({"IPKernelApp": {}}, "bar"), ({}, "print")):  # Jupyter, terminal
+    shell = types.SimpleNamespace(config=config)
+    monkeypatch.setitem(sys.modules, "IPython",
+                        types.SimpleNamespace(get_ipython=lambda shell=shell: shell))
+    assert Progress("auto").mode == mode
+
+
+def test_bad_modes_are_named():
   with pytest.raises(ValueError, match=r"progress='bars' is not one of \('auto', 'log'"):
     Progress("bars")
