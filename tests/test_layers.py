@@ -1,5 +1,7 @@
 """AAConv: naive reference, layout, shapes, gradients, precision, validation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,31 @@ from aa_flax.layers import AAConv, SqueezeExcite, attention_depths
 from naive_reference import naive_aaconv
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Tiny layers: compiling dominates, and XLA's CPU optimisations make the random init of 4D
+  conv kernels take seconds to compile."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@functools.cache
+def jitted(layer, method="apply", **kwargs):
+  """``layer.init`` or ``layer.apply`` jitted once per (layer, method, kwargs)."""
+  return jax.jit(functools.partial(getattr(layer, method), **kwargs))
+
+
 def init_apply(layer, x, seed=0):
-  variables = layer.init(jax.random.key(seed), x)
-  return variables, layer.apply(variables, x)
+  variables = jitted(layer, "init")(jax.random.key(seed), x)
+  return variables, jitted(layer)(variables, x)
+
+
+def abstract_init_apply(layer, x):
+  """(variables, output) as shapes and dtypes: traced, neither compiled nor computed."""
+  y, variables = jax.eval_shape(lambda x: layer.init_with_output(jax.random.key(0), x), x)
+  return variables, y
 
 
 def random_images(shape, seed=0):
@@ -27,7 +51,7 @@ def test_aaconv_matches_naive_reference_and_channel_layout():
   # Random (non-zero) relative tables and biases, so every term is exercised.
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 0.5, p.dtype), params)
-  y = layer.apply({"params": params}, x)
+  y = jitted(layer)({"params": params}, x)
   ref = naive_aaconv(np.asarray(x), params, key_depth=8, value_depth=4, num_heads=2)
   assert y.shape == (2, 3, 5, 16)
   np.testing.assert_allclose(y, ref, atol=2e-4, rtol=2e-4)
@@ -56,12 +80,12 @@ def test_no_position_encoding_is_permutation_equivariant():
   variables, y = init_apply(layer, x)
   perm = np.random.default_rng(0).permutation(12)
   permute = lambda t: t.reshape(2, 12, -1)[:, perm].reshape(t.shape[:3] + (-1,))
-  np.testing.assert_allclose(layer.apply(variables, permute(x)), permute(y), atol=1e-5)
+  np.testing.assert_allclose(jitted(layer)(variables, permute(x)), permute(y), atol=1e-5)
   # With relative logits the same permutation changes the result.
   rel = AAConv(features=8, kernel_size=1, key_ratio=1.0, value_ratio=1.0, num_heads=2,
                min_key_depth_per_head=0)
   rel_vars, rel_y = init_apply(rel, x)
-  assert not np.allclose(rel.apply(rel_vars, permute(x)), permute(rel_y), atol=1e-3)
+  assert not np.allclose(jitted(rel)(rel_vars, permute(x)), permute(rel_y), atol=1e-3)
 
 
 @pytest.mark.parametrize("kwargs,out_hw,table_hw", [
@@ -76,7 +100,7 @@ def test_no_position_encoding_is_permutation_equivariant():
 def test_output_and_table_shapes(kwargs, out_hw, table_hw):
   x = random_images((2, 6, 10, 12))
   layer = AAConv(features=32, num_heads=4, min_key_depth_per_head=4, **kwargs)
-  variables, y = init_apply(layer, x)
+  variables, y = abstract_init_apply(layer, x)
   assert y.shape == (2, *out_hw, 32)
   depth = layer.depths.key_per_head
   assert variables["params"]["rel_height"].shape == (2 * table_hw[0] - 1, depth)
@@ -98,8 +122,8 @@ def test_position_encodings_run_and_only_relative_has_tables(encoding):
 def test_attention_weights_are_sown():
   x = random_images((2, 3, 5, 8))
   layer = AAConv(features=16, num_heads=2, min_key_depth_per_head=4)
-  variables = layer.init(jax.random.key(0), x)
-  _, state = layer.apply(variables, x, mutable=["intermediates"])
+  variables = jitted(layer, "init")(jax.random.key(0), x)
+  _, state = jitted(layer, mutable=("intermediates",))(variables, x)
   (weights,) = state["intermediates"]["attention_weights"]
   assert weights.shape == (2, 2, 15, 15) and weights.dtype == jnp.float32
   np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
@@ -110,9 +134,10 @@ def test_attention_weights_are_sown():
 def test_gradients_reach_every_parameter(kwargs):
   x = random_images((2, 6, 7, 8))
   layer = AAConv(features=16, num_heads=2, min_key_depth_per_head=4, **kwargs)
-  params = layer.init(jax.random.key(0), x)["params"]
+  params = jitted(layer, "init")(jax.random.key(0), x)["params"]
   target = random_images((2, 3, 4, 16) if kwargs.get("strides") else (2, 6, 7, 16), seed=5)
-  grads = jax.grad(lambda p: jnp.sum((layer.apply({"params": p}, x) - target) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum((layer.apply({"params": p}, x) - target) ** 2)))(
+      params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert np.all(np.isfinite(g)), path
     assert np.abs(np.asarray(g)).max() > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
@@ -123,9 +148,9 @@ def test_bfloat16_forward_close_to_float32():
   f32 = AAConv(features=32, num_heads=4, min_key_depth_per_head=4)
   bf16 = AAConv(features=32, num_heads=4, min_key_depth_per_head=4, dtype=jnp.bfloat16)
   variables, y32 = init_apply(f32, x)
-  y16 = bf16.apply(variables, x)
+  y16 = jitted(bf16)(variables, x)
   assert y16.dtype == jnp.bfloat16
-  assert jax.tree.leaves(bf16.init(jax.random.key(0), x))[0].dtype == jnp.float32
+  assert jax.tree.leaves(abstract_init_apply(bf16, x)[0])[0].dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.08, rtol=0.05)
 
 
@@ -168,11 +193,11 @@ def test_invalid_settings_raise_value_error(kwargs, match):
 
 def test_wrong_spatial_size_for_tables_is_a_clear_error():
   layer = AAConv(features=16, num_heads=2, min_key_depth_per_head=4)
-  variables = layer.init(jax.random.key(0), jnp.zeros((1, 6, 8, 8)))
+  variables = abstract_init_apply(layer, jnp.zeros((1, 6, 8, 8)))[0]
   with pytest.raises(ValueError, match=r"table of shape \(9, 4\).*hold \(15, 4\)"):
-    layer.apply(variables, jnp.zeros((1, 6, 5, 8)))
+    jax.eval_shape(layer.apply, variables, jnp.zeros((1, 6, 5, 8)))
   with pytest.raises(ValueError, match="B, H, W, C"):
-    layer.apply(variables, jnp.zeros((6, 8, 8)))
+    jax.eval_shape(layer.apply, variables, jnp.zeros((6, 8, 8)))
 
 
 def test_squeeze_excite_gates_channels():
