@@ -1,6 +1,8 @@
 """Model zoo: parameter counts against the paper, AA placement, registry, forward passes."""
 
 import dataclasses
+import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -23,24 +25,63 @@ from aa_flax.tables import PAPER_ROWS, TABLE_INPUTS, is_implemented, model_param
 EXACT_COUNTS = {"wrn28_10": 36_536_884, "ge_wrn28_10": 36_536_884, "se_wrn28_10": 36_810_444}
 
 
-def abstract_variables(model, shape):
-  images = jax.ShapeDtypeStruct(shape, jnp.float32)
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Tiny models: compiling dominates, and XLA's CPU optimisations make the random init of 4D
+  conv kernels take seconds to compile."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+@functools.cache
+def abstract_variables(name, height, width, classes=1000, **overrides):
+  """Variable shapes of ``create_model(name, classes, **overrides)`` on ``height x width``
+  images, traced once per argument set (tracing a large model takes seconds) and shared by
+  the count, placement and shape tests."""
+  model = create_model(name, classes, **overrides)
+  images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False),
                         images)
 
 
-@pytest.mark.parametrize("row", [r for r in PAPER_ROWS if r.params_m and is_implemented(r)],
-                         ids=lambda r: f"table{r.table}-{r.model}")
-def test_parameter_counts_match_paper(row):
-  params = model_params(row)
-  if row.model in EXACT_COUNTS:
-    assert params == EXACT_COUNTS[row.model]
-  else:
-    assert abs(params / 1e6 - row.params_m) / row.params_m < 0.005, (row, params)
+def row_params(row):
+  """Parameter count of a table row's model at the table's input, from the shared traces."""
+  size, classes = TABLE_INPUTS[row.table]
+  variables = abstract_variables(row.model, size, size, classes, **dict(row.overrides))
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"]))
+
+
+# Rows with a paper count; rows of tables 2 and 3 that share a model and input are one count.
+ROWS_BY_MODEL = {}
+for _row in PAPER_ROWS:
+  if _row.params_m and is_implemented(_row):
+    ROWS_BY_MODEL.setdefault((_row.model, _row.overrides, TABLE_INPUTS[_row.table]),
+                             []).append(_row)
+
+
+@pytest.mark.parametrize("rows", ROWS_BY_MODEL.values(), ids=lambda rows: "-".join(
+    [f"table{r.table}" for r in rows] + [rows[0].model]))
+def test_parameter_counts_match_paper(rows):
+  params = row_params(rows[0])
+  for row in rows:
+    if row.model in EXACT_COUNTS:
+      assert params == EXACT_COUNTS[row.model]
+    else:
+      assert abs(params / 1e6 - row.params_m) / row.params_m < 0.005, (row, params)
+
+
+@pytest.mark.parametrize("model", ["aa_wrn28_10", "resnet34"])
+def test_tables_module_counts_the_row_model_at_the_table_input(model):
+  """``model_params`` (what ``python -m aa_flax.tables`` prints) equals the count checked
+  against the paper above, for a CIFAR (table 1) and an ImageNet (table 3) row."""
+  row = next(r for r in PAPER_ROWS if r.model == model)
+  assert model_params(row) == row_params(row)
 
 
 def flat_params(name, size, classes=1000, **overrides):
-  variables = abstract_variables(create_model(name, classes, **overrides), (1, size, size, 3))
+  variables = abstract_variables(name, size, size, classes, **overrides)
   return {"/".join(k.key for k in path): v.shape
           for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])}
 
@@ -50,7 +91,7 @@ def flat_params(name, size, classes=1000, **overrides):
     ("aa_resnet152", 224, 47), ("aa_wrn28_10", 32, 12), ("aa_mnasnet_1.0", 224, 13),
     ("fa_resnet50_0.5", 224, 13), ("resnet50", 224, 0), ("se_resnet50", 224, 0)])
 def test_number_of_augmented_convs(name, size, expected):
-  params = flat_params(name, size)
+  params = flat_params(name, size, 100 if size == 32 else 1000)
   assert sum(p.endswith("qkv/kernel") for p in params) == expected
 
 
@@ -131,7 +172,7 @@ def test_registry_names_and_errors():
     ("aa_resnet34", (2, 96, 64, 3), (2, 1000))])
 def test_model_output_shapes(name, shape, out):
   model = create_model(name, out[1])
-  variables = abstract_variables(model, shape)
+  variables = abstract_variables(name, *shape[1:3], out[1])
   logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
                           jax.ShapeDtypeStruct(shape, jnp.float32))
   assert logits.shape == out and logits.dtype == jnp.float32
@@ -141,7 +182,8 @@ def test_model_output_shapes(name, shape, out):
 def tiny():
   model = create_model("aa_resnet_tiny", 7)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 12, 10, 3)), jnp.float32)
-  return model, model.init({"params": jax.random.key(0)}, images, train=False), images
+  init = jax.jit(lambda x: model.init({"params": jax.random.key(0)}, x, train=False))
+  return model, init(images), images
 
 
 def test_tiny_model_trains_every_parameter(tiny):
@@ -158,7 +200,7 @@ def test_tiny_model_trains_every_parameter(tiny):
                                 mutable=["batch_stats"])
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)), state
 
-  (value, state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  (value, state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   assert np.isfinite(value)
   assert jax.tree.structure(state["batch_stats"]) == jax.tree.structure(variables["batch_stats"])
   paths = []
@@ -171,17 +213,18 @@ def test_tiny_model_trains_every_parameter(tiny):
 def test_bfloat16_model_keeps_float32_params_and_logits(tiny):
   model, variables, images = tiny
   bf16 = create_model("aa_resnet_tiny", 7, dtype=jnp.bfloat16)
-  logits16 = bf16.apply(variables, images, train=False)
-  logits32 = model.apply(variables, images, train=False)
+  logits16 = jax.jit(lambda v, x: bf16.apply(v, x, train=False))(variables, images)
+  logits32 = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
   assert logits16.dtype == jnp.float32
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(
-      bf16.init({"params": jax.random.key(0)}, images, train=False)))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(jax.eval_shape(
+      lambda x: bf16.init({"params": jax.random.key(0)}, x, train=False), images)))
   np.testing.assert_allclose(logits16, logits32, atol=0.1, rtol=0.1)
 
 
 def test_model_attention_weights_for_figures(tiny):
   model, variables, images = tiny
-  _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
+  _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(
+      variables, images)
   weights = jax.tree.leaves(state["intermediates"])
   assert [w.shape for w in weights] == [(4, 4, 30, 30), (4, 4, 9, 9)]
 
