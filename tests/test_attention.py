@@ -9,6 +9,20 @@ from aa_flax import attention
 from naive_reference import brute_force_relative_logits, naive_attention
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Small inputs: compiling dominates. The flag lowers LLVM's optimisation level only; XLA's
+  fusion and buffer assignment (measured by the memory test) are unchanged."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+relative_logits_2d = jax.jit(attention.relative_logits_2d, static_argnums=3)
+multihead_attention_2d = jax.jit(attention.multihead_attention_2d,
+                                 static_argnames=("relative_method", "return_weights"))
+
 def random_inputs(seed, batch=2, heads=3, height=4, width=7, key_depth=5, value_depth=6):
   rng = np.random.default_rng(seed)
   q = rng.normal(size=(batch, heads, height, width, key_depth)).astype(np.float32)
@@ -23,20 +37,20 @@ def random_inputs(seed, batch=2, heads=3, height=4, width=7, key_depth=5, value_
 @pytest.mark.parametrize("height,width", [(4, 7), (6, 3), (1, 5), (5, 1), (3, 3)])
 def test_relative_logits_match_brute_force(method, height, width):
   q, _, _, rel_h, rel_w = random_inputs(0, height=height, width=width)
-  got = attention.relative_logits_2d(q, rel_h, rel_w, method)
+  got = relative_logits_2d(q, rel_h, rel_w, method)
   assert got.shape == (2, 3, height * width, height * width)
   np.testing.assert_allclose(got, brute_force_relative_logits(q, rel_h, rel_w), atol=1e-4)
 
 
 def test_skew_and_gather_agree_and_offsets_are_key_minus_query():
   q, _, _, rel_h, rel_w = random_inputs(1, height=5, width=3)
-  skew = attention.relative_logits_2d(q, rel_h, rel_w, "skew")
-  gather = attention.relative_logits_2d(q, rel_h, rel_w, "gather")
+  skew = relative_logits_2d(q, rel_h, rel_w, "skew")
+  gather = relative_logits_2d(q, rel_h, rel_w, "gather")
   np.testing.assert_allclose(skew, gather, atol=1e-5)
   # A table that is zero except at offset +1 along x: only key x2 = x + 1 gets a logit.
   rel_w = np.zeros_like(rel_w)
   rel_w[3 - 1 + 1] = 1.0
-  logits = np.asarray(attention.relative_logits_2d(q, np.zeros_like(rel_h), rel_w))
+  logits = np.asarray(relative_logits_2d(q, np.zeros_like(rel_h), rel_w, "gather"))
   qsum = q.sum(-1)
   query, key = 1 * 3 + 0, 2 * 3 + 1  # (y=1, x=0) -> (y2=2, x2=1)
   np.testing.assert_allclose(logits[:, :, query, key], qsum[:, :, 1, 0], rtol=1e-5)
@@ -67,8 +81,8 @@ def test_multihead_attention_matches_naive(relative, method):
   q, k, v, rel_h, rel_w = random_inputs(4)
   if not relative:
     rel_h = rel_w = None
-  out, weights = attention.multihead_attention_2d(q, k, v, rel_h, rel_w,
-                                                  relative_method=method, return_weights=True)
+  out, weights = multihead_attention_2d(q, k, v, rel_h, rel_w, relative_method=method,
+                                        return_weights=True)
   ref_out, ref_weights = naive_attention(q, k, v, rel_h, rel_w)
   assert out.shape == (2, 3, 4, 7, 6) and weights.shape == (2, 3, 28, 28)
   assert weights.dtype == jnp.float32
@@ -79,8 +93,7 @@ def test_multihead_attention_matches_naive(relative, method):
 def test_bfloat16_inputs_keep_float32_softmax():
   q, k, v, rel_h, rel_w = random_inputs(5)
   cast = lambda *ts: [jnp.asarray(t, jnp.bfloat16) for t in ts]
-  out, weights = attention.multihead_attention_2d(*cast(q, k, v, rel_h, rel_w),
-                                                  return_weights=True)
+  out, weights = multihead_attention_2d(*cast(q, k, v, rel_h, rel_w), return_weights=True)
   assert out.dtype == jnp.bfloat16 and weights.dtype == jnp.float32
   np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
   ref_out, _ = naive_attention(q, k, v, rel_h, rel_w)
@@ -88,14 +101,15 @@ def test_bfloat16_inputs_keep_float32_softmax():
 
 
 def test_sine_encoding_and_coord_channels():
-  enc = np.asarray(attention.sine_position_encoding_2d(3, 5, 10))
+  enc = np.asarray(jax.jit(attention.sine_position_encoding_2d, static_argnums=(0, 1, 2))(
+      3, 5, 10))
   assert enc.shape == (3, 5, 10)
   # Channels 0..3 encode y only, 4..7 encode x only, 8..9 are zero padding.
   np.testing.assert_allclose(enc[:, 0, :4], enc[:, 4, :4])
   np.testing.assert_allclose(enc[0, :, 4:8], enc[2, :, 4:8])
   assert np.all(enc[..., 8:] == 0)
   np.testing.assert_allclose(enc[1, 2, [0, 2]], [np.sin(1.0), np.cos(1.0)], rtol=1e-6)
-  coords = np.asarray(attention.coord_channels(2, 3, 5))
+  coords = np.asarray(jax.jit(attention.coord_channels, static_argnums=(0, 1, 2))(2, 3, 5))
   assert coords.shape == (2, 3, 5, 3)
   np.testing.assert_allclose(coords[0, 0, :, 0], np.linspace(-1, 1, 5), atol=1e-6)
   np.testing.assert_allclose(coords[0, :, 0, 1], np.linspace(-1, 1, 3), atol=1e-6)
