@@ -11,8 +11,8 @@ from naive_reference import brute_force_relative_logits, naive_attention
 
 @pytest.fixture(scope="module", autouse=True)
 def _fast_compiles():
-  """Small inputs: compiling dominates. The flag lowers LLVM's optimisation level only; XLA's
-  fusion and buffer assignment (measured by the memory test) are unchanged."""
+  """Small inputs: compiling dominates. The flag lowers the CPU code generator's optimisation;
+  the temp memory the memory test measures is the same with and without it."""
   previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", True)
   yield
