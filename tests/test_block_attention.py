@@ -8,6 +8,7 @@ import pytest
 from aa_flax.models import WideResNet, create_model
 from aa_flax.models.block_attention import (BAM, BLOCK_ATTENTION_KINDS, CBAM, GALA,
                                             GatherExcite)
+from abstract_models import flat_params
 
 EPS = 1e-5  # batch_norm's epsilon: eval-mode BN at its initial statistics divides by sqrt(1+EPS)
 
@@ -210,14 +211,6 @@ def test_gather_excite_applied_at_another_size_fails_clearly():
   variables = init(theta, random((1, 6, 5, 8)))
   with pytest.raises(ValueError, match="7x5x8.*initialised for 6x5x8"):
     theta.apply(variables, random((1, 7, 5, 8)), train=False)
-
-
-def flat_params(name, size, classes=1000):
-  model = create_model(name, classes)
-  variables = jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False),
-                             jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
-  return {"/".join(k.key for k in path): v.shape
-          for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])}
 
 
 def test_resnet50_placement_of_each_module():

@@ -1,7 +1,6 @@
 """Model zoo: parameter counts against the paper, AA placement, registry, forward passes."""
 
 import dataclasses
-import functools
 import math
 
 import flax.linen as nn
@@ -16,6 +15,7 @@ from aa_flax.metrics import count_flops, count_params
 from aa_flax.models import AttentionSettings, create_model, list_models
 from aa_flax.models.common import ATTENTION_SETTING_NAMES, make_aaconv
 from aa_flax.tables import PAPER_ROWS, TABLE_INPUTS, is_implemented, model_params
+from abstract_models import abstract_variables, flat_params
 
 # Rows whose paper count we do not match within 0.5%, with the reason (see README).
 # Table 1 lists 36.3M for the baseline WRN-28-10, but a standard WRN-28-10 on CIFAR-100 has
@@ -33,17 +33,6 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@functools.cache
-def abstract_variables(name, height, width, classes=1000, **overrides):
-  """Variable shapes of ``create_model(name, classes, **overrides)`` on ``height x width``
-  images, traced once per argument set (tracing a large model takes seconds) and shared by
-  the count, placement and shape tests."""
-  model = create_model(name, classes, **overrides)
-  images = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False),
-                        images)
 
 
 def row_params(row):
@@ -78,12 +67,6 @@ def test_tables_module_counts_the_row_model_at_the_table_input(model):
   against the paper above, for a CIFAR (table 1) and an ImageNet (table 3) row."""
   row = next(r for r in PAPER_ROWS if r.model == model)
   assert model_params(row) == row_params(row)
-
-
-def flat_params(name, size, classes=1000, **overrides):
-  variables = abstract_variables(name, size, size, classes, **overrides)
-  return {"/".join(k.key for k in path): v.shape
-          for path, v in jax.tree_util.tree_leaves_with_path(variables["params"])}
 
 
 @pytest.mark.parametrize("name,size,expected", [
