@@ -17,6 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_attention, bench_checkpoint, bench_train, gpu_check  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Tiny benchmark settings: compiling dominates, and XLA's CPU optimisations make the
+  random inputs and inits of 4D and 5D arrays take seconds to compile. Nothing here is timed,
+  and the memory figures are the same without those optimisations."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
 def test_naive_explicit_table_matches_attention():
   case = bench_attention.Case("t", 3, 4, 2, 5, 3)
   args, _ = bench_attention.make_inputs(case, batch=2, dtype=jnp.float32)
