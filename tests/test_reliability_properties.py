@@ -18,10 +18,21 @@ from aa_flax.config_utils import base_config
 from aa_flax.data import load_splits
 from aa_flax.errors import DataError
 from aa_flax.layers import AAConv
+from aa_flax.models import create_model
 from aa_flax.models.common import ATTENTION_SETTING_NAMES
 
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+  """Every example is a new layer: compiling dominates, and XLA's CPU optimisations make the
+  random init of 4D conv kernels take seconds to compile."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def _round_to_heads(depth, heads):
@@ -78,22 +89,22 @@ aaconv_settings = st.tuples(
 _VALID_AACONV_RUNS = []
 
 
-@settings(PROPERTY_SETTINGS, max_examples=30)  # eager layers: ~1 s per new shape
+@settings(PROPERTY_SETTINGS, max_examples=30)  # jitted layers: a compile per new layer
 @given(aaconv_settings, st.sampled_from([1, 3, 4]), st.sampled_from([1, 5]),
        st.sampled_from([1, 3]))
-def test_aaconv_settings_raise_value_error_or_run(s, height, width, channels):
+def aaconv_settings_raise_value_error_or_run(s, height, width, channels):
   layer = AAConv(**s)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, height, width, channels)),
                   jnp.float32)
   problems = _aaconv_problems(s)
   if problems:
     with pytest.raises(ValueError) as error:
-      layer.init(jax.random.key(0), x)
+      jax.jit(layer.init)(jax.random.key(0), x)
     message = str(error.value)
     assert any(name in message for name in problems), (problems, message)
     return
-  variables = layer.init(jax.random.key(0), x)
-  y = layer.apply(variables, x)
+  variables = jax.jit(layer.init)(jax.random.key(0), x)
+  y = jax.jit(layer.apply)(variables, x)
   _VALID_AACONV_RUNS.append(s)
   assert y.shape == (2, -(-height // s["strides"]), -(-width // s["strides"]), s["features"])
   assert bool(jnp.all(jnp.isfinite(y)))
@@ -129,9 +140,8 @@ _TRACED_MODELS = []
 @given(st.sampled_from(["aa_resnet_tiny", "aa_resnet_tiny", "resnet_tiny", "aa_resnet18",
                         "aa_mnasnet_0.75", "aa_resnt"]),
        st.sampled_from([0, 1, 3, 5, 5]), model_overrides, st.integers(1, 9), st.integers(1, 9))
-def test_model_settings_raise_value_error_or_trace(name, num_classes, overrides, height, width):
+def model_settings_raise_value_error_or_trace(name, num_classes, overrides, height, width):
   """Traced with ``eval_shape`` (no compile): every setting either builds or is refused."""
-  from aa_flax.models import create_model
   images = jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32)
   try:
     model = create_model(name, num_classes, **overrides)
@@ -153,16 +163,16 @@ def test_model_settings_raise_value_error_or_trace(name, num_classes, overrides,
 
 @pytest.mark.parametrize("width", [0, -1])
 def test_nonpositive_model_width_raises_value_error(width):
-  from aa_flax.models import create_model
   model = create_model("aa_resnet_tiny", 3, width=width)
   with pytest.raises(ValueError, match="width"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), train=False))
 
 
-def test_model_property_exercises_valid_settings():
-  """Guards the strategy: the model property must build and trace many valid models."""
+def test_model_settings_raise_value_error_or_trace():
+  """The property over random model settings, and a guard on its strategy: it must build and
+  trace many valid models."""
   _TRACED_MODELS.clear()
-  test_model_settings_raise_value_error_or_trace()
+  model_settings_raise_value_error_or_trace()
   assert len(_TRACED_MODELS) >= 8
   assert {"aa_resnet_tiny", "resnet_tiny"} <= {name for name, _ in _TRACED_MODELS}
 
@@ -219,8 +229,9 @@ def test_truncated_npz_files_raise_data_error(tmp_path, keep_bytes):
     load_splits(config, seed=0)
 
 
-def test_aaconv_property_exercises_valid_settings():
-  """Guards the strategy: the AAConv property must run many real, valid layers."""
+def test_aaconv_settings_raise_value_error_or_run():
+  """The property over random AAConv settings, and a guard on its strategy: it must run many
+  real, valid layers."""
   _VALID_AACONV_RUNS.clear()
-  test_aaconv_settings_raise_value_error_or_run()
+  aaconv_settings_raise_value_error_or_run()
   assert len(_VALID_AACONV_RUNS) >= 10
