@@ -9,14 +9,7 @@ from aa_flax import attention
 from naive_reference import brute_force_relative_logits, naive_attention
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Small inputs: compiling dominates. The flag lowers the CPU code generator's optimisation;
-  the temp memory the memory test measures is the same with and without it."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 relative_logits_2d = jax.jit(attention.relative_logits_2d, static_argnums=3)

@@ -17,15 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_attention, bench_checkpoint, bench_train, gpu_check  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Tiny benchmark settings: compiling dominates, and XLA's CPU optimisations make the
-  random inputs and inits of 4D and 5D arrays take seconds to compile. Nothing here is timed,
-  and the memory figures are the same without those optimisations."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_naive_explicit_table_matches_attention():

@@ -13,12 +13,7 @@ from abstract_models import flat_params
 EPS = 1e-5  # batch_norm's epsilon: eval-mode BN at its initial statistics divides by sqrt(1+EPS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def random(shape, seed=0, scale=1.0):

@@ -19,13 +19,7 @@ from aa_flax.models import create_model
 GRADIENT_NAMES = ("q", "k", "v", "rel_h", "rel_w")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Interpreted kernels compile to large host programs; XLA's optimisations only cost here."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def random_inputs(seed, batch=2, heads=2, height=3, width=5, key_depth=4, value_depth=3,

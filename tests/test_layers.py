@@ -11,14 +11,7 @@ from aa_flax.layers import AAConv, SqueezeExcite, attention_depths
 from naive_reference import naive_aaconv
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Tiny layers: compiling dominates, and XLA's CPU optimisations make the random init of 4D
-  conv kernels take seconds to compile."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @functools.cache

@@ -25,14 +25,7 @@ from abstract_models import abstract_variables, flat_params
 EXACT_COUNTS = {"wrn28_10": 36_536_884, "ge_wrn28_10": 36_536_884, "se_wrn28_10": 36_810_444}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Tiny models: compiling dominates, and XLA's CPU optimisations make the random init of 4D
-  conv kernels take seconds to compile."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def row_params(row):

@@ -25,14 +25,7 @@ PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                              suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  """Every example is a new layer: compiling dominates, and XLA's CPU optimisations make the
-  random init of 4D conv kernels take seconds to compile."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _round_to_heads(depth, heads):
