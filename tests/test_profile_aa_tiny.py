@@ -2,18 +2,12 @@
 
 import json
 
-import jax
 import pytest
 
 from benchmarks import profile_aa_tiny
 
 
-@pytest.fixture(autouse=True)
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_profile_rows_tensors_and_op_shares(tmp_path):

@@ -25,12 +25,7 @@ from test_train_support import (REPO_ROOT, SHARED_DATA, assert_trees_equal, fina
                                 tiny_config, train_py_command)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 class _Lines(logging.Handler):

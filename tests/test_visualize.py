@@ -1,7 +1,6 @@
 """Attention-map figures: the right layer, the right query cell and orientation, the PNG."""
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,12 +11,7 @@ from aa_flax import visualize
 IMAGE_HW = (28, 20)  # H != W; stage 2 strides to 14x10 and pools its attention to 7x5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
