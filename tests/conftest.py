@@ -1,10 +1,14 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported anywhere)."""
+"""Test setup: 8 simulated CPU devices (set before jax is imported anywhere), and the
+repository root importable (``benchmarks`` is a package of the repository, not of the installed
+``aa_flax``; plain ``pytest`` does not put the working directory on the path)."""
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

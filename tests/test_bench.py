@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +9,7 @@ import numpy as np
 import pytest
 
 from aa_flax import attention
-
-# benchmarks/ is a top-level package of the repository, not of the installed aa_flax: make the
-# repository root importable also when pytest is started as `pytest` rather than `python -m`.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import bench_attention, bench_checkpoint, bench_train, gpu_check  # noqa: E402
+from benchmarks import bench_attention, bench_checkpoint, bench_input, bench_train, gpu_check
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -151,7 +146,6 @@ def test_bench_attention_records_a_failing_method_and_goes_on(tmp_path, monkeypa
 
 
 def test_bench_input_times_both_paths_and_writes_results(tmp_path):
-  from benchmarks import bench_input
   rows = bench_input.run(num_images=4, batch=2, image_size=32, seconds=0, threads=(1,),
                          workers=(), sources=("npz",), name="input", out_dir=str(tmp_path))
   inline = {(r["split"], r["path"]) for r in rows if r["mode"] == "inline"}

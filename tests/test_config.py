@@ -1,6 +1,7 @@
 """Configs: every key reachable from the command line, documented, and mistakes reported in
 one line."""
 
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from ml_collections import config_flags
 
 from aa_flax import config_utils, trainer
 from aa_flax.errors import ConfigError
-from test_train_support import REPO_ROOT, subprocess_env
+from train_helpers import REPO_ROOT, subprocess_env
 
 CONFIG_DOC = REPO_ROOT / "docs" / "CONFIG.md"
 
@@ -98,7 +99,6 @@ def test_train_py_mistakes_print_one_line_and_write_nothing(tmp_path):
 
 def test_installed_package_requires_every_runtime_dependency():
   """``pip install .`` must bring everything training needs: requirements.txt is the one list."""
-  import importlib.metadata
   required = {r.split(";")[0].replace(" ", "") for r in importlib.metadata.requires("aa_flax")}
   lines = [line.split("#")[0].strip() for line in
            (REPO_ROOT / "requirements.txt").read_text().splitlines()]

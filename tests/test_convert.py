@@ -10,7 +10,7 @@ from PIL import Image
 
 from aa_flax.data import convert, load_npz_files
 from aa_flax.errors import DataError
-from test_train_support import REPO_ROOT, subprocess_env
+from train_helpers import REPO_ROOT, subprocess_env
 
 
 def _write_cifar_batch(path, images, labels, label_key):

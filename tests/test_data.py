@@ -5,22 +5,23 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import types
-from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from aa_flax import parallel
 from aa_flax.config_utils import base_config
 from aa_flax.data import InputPipeline, load_npz_files, load_splits, resolve_num_workers
 from aa_flax.data import preprocess
 from aa_flax.data.sources import ArraySource, DatasetSplits
 from aa_flax.errors import ConfigError, DataError, DatasetNotFoundError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ (repository root)
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from benchmarks import input_data
+from train_helpers import SHARED_DATA
 
 
 def _data_config(**kwargs) -> ml_collections.ConfigDict:
@@ -257,7 +258,6 @@ def test_eval_counts_every_example_exactly_once(num_eval, global_batch, processe
 
 
 def _tfds_pipeline(name, image_size, augment):
-  import tensorflow_datasets as tfds
   config = _data_config(name=name, image_size=image_size, augment=augment)
   with tfds.testing.mock_data(num_examples=10):
     splits = load_splits(config, seed=0)
@@ -280,7 +280,6 @@ def test_tfds_pipelines_under_mock_data(name, size, augment, classes):
 def small_imagenet(tmp_path_factory):
   """A prepared tfds ``imagenet2012`` (ArrayRecord) of real JPEG photos: 12 train examples
   labelled 0..11, 5 validation examples labelled 100..104."""
-  from benchmarks import input_data
   jpegs = input_data.jpeg_images(17, sizes=((75, 100), (100, 67), (90, 120)))
   data_dir = tmp_path_factory.mktemp("tfds")
   input_data.write_tfds_imagenet(str(data_dir), {
@@ -410,7 +409,6 @@ class _SlowBatches:
     self.next_index, self.delay, self.fail_at = 0, delay, fail_at
 
   def __next__(self):
-    import time
     time.sleep(self.delay)
     if self.next_index == self.fail_at:
       raise ValueError("broken record")
@@ -420,8 +418,6 @@ class _SlowBatches:
 
 
 def test_device_batches_are_global_in_order_and_read_ahead():
-  import jax
-  from aa_flax import parallel
   mesh = parallel.create_mesh()
   host = _SlowBatches()
   with parallel.DeviceBatches(host, mesh, ahead=3) as batches:
@@ -430,13 +426,11 @@ def test_device_batches_are_global_in_order_and_read_ahead():
       assert isinstance(batch["image"], jax.Array) and batch["image"].shape == (8, 2)
       assert batch["label"].sharding.is_equivalent_to(parallel.batch_sharded(mesh), 1)
       np.testing.assert_array_equal(np.asarray(batch["label"]), np.full(8, b))
-    import time
     time.sleep(0.2)
     assert host.next_index > 4  # read ahead of the batches taken
 
 
 def test_device_batches_count_waiting_and_raise_host_errors():
-  from aa_flax import parallel
   mesh = parallel.create_mesh()
   with parallel.DeviceBatches(_SlowBatches(delay=0.05, fail_at=3), mesh) as batches:
     for _ in range(3):

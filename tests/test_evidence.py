@@ -10,7 +10,7 @@ from PIL import Image
 from aa_flax import trainer
 from aa_flax.config_utils import base_config, flatten, load_config
 from benchmarks import cifar10_evidence
-from test_train_support import SHARED_DATA
+from train_helpers import SHARED_DATA
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from test_train_support import REPO_ROOT
+from train_helpers import REPO_ROOT
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

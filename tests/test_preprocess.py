@@ -1,17 +1,14 @@
 """Preprocessing: the fast crop/resize/decode path against the straightforward reference
 (full decode, crop, per-channel resize) on real photos, and the crop boxes' distribution."""
 
-import os
-import sys
+import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 from aa_flax.data import preprocess
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import input_data  # noqa: E402
+from benchmarks import input_data
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +44,6 @@ def _mean_abs(a, b):
 def test_jpeg_bytes_match_the_reference_within_resize_tolerance(jpegs, monkeypatch):
   """From the encoded file: the same crops and flips as the reference; pixels differ only as
   much as two standard resize filters differ (DCT-scaled decoding, box-edge neighbours)."""
-  from PIL import JpegImagePlugin
   scales = []
   draft = JpegImagePlugin.JpegImageFile.draft
 
@@ -94,7 +90,6 @@ def test_dct_scale_keeps_the_box_at_least_the_output_size():
 
 
 def test_non_jpeg_bytes_and_grayscale_decode_to_rgb():
-  import io
   gray = (np.arange(30 * 40) % 256).astype(np.uint8).reshape(30, 40)
   for fmt in ("PNG", "JPEG"):
     buffer = io.BytesIO()

@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from test_train_support import REPO_ROOT
+from train_helpers import REPO_ROOT
 
 _RUNNER = """
 import sys, time

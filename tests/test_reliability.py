@@ -1,14 +1,14 @@
 """Reliability: preemption (SIGTERM), SIGKILL at random points, corrupt checkpoints, exact
 resume, non-finite steps, config changes on resume, bad workdirs.
 
-The subprocess runs use ``train.py`` with the tiny digits config (``test_train_support``)
+The subprocess runs use ``train.py`` with the tiny digits config (``train_helpers``)
 for 160 steps; resumed runs must end bitwise identical to the uninterrupted one.
 """
 
 import json
+import os
 import random
 import re
-import os
 import shutil
 import signal
 import socket
@@ -25,12 +25,14 @@ import numpy as np
 import pytest
 
 import aa_flax
+from aa_flax import storage
 from aa_flax.data import InputPipeline, load_splits
 from aa_flax.errors import ConfigError, ConfigMismatchError, NonFiniteError, WorkdirError
+from aa_flax.integrity import DigestMismatchError, verify_digest
 from aa_flax.preemption import EXIT_PREEMPTED
-from test_train_support import (assert_trees_equal, final_state, read_json, read_jsonl,
-                                run_train_py, subprocess_env, tiny_config, train_py_command,
-                                REPO_ROOT)
+from aa_flax.workdir_lock import STALE_AFTER_S, WorkdirLock
+from train_helpers import (REPO_ROOT, assert_trees_equal, final_state, read_json, read_jsonl,
+                           run_train_py, subprocess_env, tiny_config, train_py_command)
 
 STEPS = 160
 LONG_RUN = [f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
@@ -164,8 +166,6 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(reference_run, tmp_pat
 
 
 def test_one_flipped_bit_in_any_checkpoint_file_is_caught(reference_run, tmp_path):
-  from aa_flax import storage
-  from aa_flax.integrity import DigestMismatchError, verify_digest
   step_dir = tmp_path / "step"
   shutil.copytree(reference_run / "checkpoints" / str(STEPS), step_dir)
   assert verify_digest(storage.path(step_dir))
@@ -267,7 +267,7 @@ def test_nonfinite_step_stops_and_every_checkpoint_is_finite(tmp_path, breaks):
   steps = _checkpoint_steps(workdir)
   assert steps[-1] == last_good  # nothing at or after the bad step was saved
   for step in steps:  # params, batch statistics and optimizer state
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_state_of(workdir, step)))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_state(workdir, step)))
 
 
 def test_nonfinite_update_of_finite_gradients_stops_before_any_checkpoint(tmp_path):
@@ -282,11 +282,6 @@ def test_nonfinite_update_of_finite_gradients_stops_before_any_checkpoint(tmp_pa
       "Step 1: the loss and gradients were finite but the updated parameters, BatchNorm "
       "statistics or optimizer state were not. Last good checkpoint: none")
   assert _checkpoint_steps(workdir) == []
-
-
-def final_state_of(workdir: Path, step: int) -> dict:
-  from aa_flax.checkpoint import read_state_arrays
-  return read_state_arrays(str(workdir / "checkpoints" / str(step)))
 
 
 def test_nonfinite_steps_are_skipped_when_asked(tmp_path):
@@ -407,8 +402,6 @@ def test_unwritable_workdir_and_full_disk_fail_before_training(tmp_path, monkeyp
 
 
 def test_lock_names_a_live_holder_and_takes_over_stale_ones(tmp_path):
-  from aa_flax import storage
-  from aa_flax.workdir_lock import STALE_AFTER_S, WorkdirLock
   lock_file = tmp_path / "run.lock"
   gone = subprocess.Popen(["true"])
   gone.wait()  # its pid no longer runs
@@ -514,7 +507,6 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(tmp
 
 
 def _free_port() -> int:
-  import socket
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     return sock.getsockname()[1]

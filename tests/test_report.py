@@ -8,7 +8,7 @@ from PIL import Image
 
 from aa_flax import report, tables
 from aa_flax.config_utils import config_to_dict, load_config, model_overrides
-from test_train_support import REPO_ROOT, tiny_config
+from train_helpers import REPO_ROOT, tiny_config
 
 
 def test_every_implemented_row_config_trains_the_row_model():

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,12 +18,14 @@ import pytest
 
 import aa_flax
 from aa_flax import optim, parallel, trainer
-from aa_flax.config_utils import base_config
+from aa_flax.config_utils import base_config, flatten, load_config
+from aa_flax.data import load_splits
 from aa_flax.errors import ConfigError
+from aa_flax.models import list_models
 from aa_flax.progress import Progress
-from test_train_support import (REPO_ROOT, SHARED_DATA, assert_trees_equal, final_state,
-                                read_json, read_jsonl, run_train_py, subprocess_env,
-                                tiny_config, train_py_command)
+from train_helpers import (REPO_ROOT, SHARED_DATA, assert_trees_equal, final_state, read_json,
+                           read_jsonl, run_train_py, subprocess_env, tiny_config,
+                           train_py_command)
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -163,7 +166,6 @@ def test_npz_end_to_end_with_padded_eval(tmp_path):
 
 def _train_losses_and_params(devices, steps=3):
   """Runs ``steps`` train steps of the tiny model on a mesh of ``devices``."""
-  from aa_flax.data import load_splits
   config = tiny_config()
   splits = load_splits(config.data, seed=0)
   mesh = parallel.create_mesh(devices)
@@ -210,14 +212,13 @@ _MULTI_PROCESS_WORKER = textwrap.dedent("""
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     import aa_flax
-    from test_train_support import tiny_config
+    from train_helpers import tiny_config
     result = aa_flax.train_and_evaluate(tiny_config(num_train_steps=6), workdir)
     print("RESULT", json.dumps(result))
 """)
 
 
 def test_two_processes_match_one_process(tmp_path):
-  import socket
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -296,7 +297,6 @@ def _load_config_module(name):
 
 
 def test_load_config_matches_train_py_syntax():
-  from aa_flax.config_utils import load_config
   config = load_config(str(REPO_ROOT / "configs" / "cifar.py:se_wrn28_10,cifar10"))
   assert (config.model.name, config.data.name) == ("se_wrn28_10", "cifar10")
   assert load_config(str(REPO_ROOT / "configs" / "default.py")).model.name == "aa_resnet_tiny"
@@ -306,8 +306,6 @@ def test_load_config_matches_train_py_syntax():
 
 @pytest.mark.parametrize("name", ["cifar", "imagenet_resnet", "imagenet_mnasnet"])
 def test_every_family_config_builds_its_models(name):
-  from aa_flax.config_utils import flatten
-  from aa_flax.models import list_models
   module = _load_config_module(name)
   args = list(module.MODELS)
   if name == "cifar":

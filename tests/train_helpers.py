@@ -1,7 +1,9 @@
-"""Helpers shared by the training and reliability tests (this module holds no tests).
+"""Paths and helpers shared by the test modules (this module holds no tests).
 
-``tiny_config()`` is the embedded default shrunk for tests: aa_resnet_tiny at width 8 on
-digits, batch 64 over 8 simulated devices. ``TRAIN_PY_FLAGS`` is the same for ``train.py``.
+``REPO_ROOT`` is the repository, ``SHARED_DATA`` the real-data folder next to it (tests that
+need it are skipped when it is absent). ``tiny_config()`` is the embedded default shrunk for
+tests: aa_resnet_tiny at width 8 on digits, batch 64 over 8 simulated devices.
+``TRAIN_PY_FLAGS`` is the same for ``train.py``.
 """
 
 import json
@@ -10,7 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+
+from aa_flax.checkpoint import read_state_arrays
+from aa_flax.config_utils import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -31,7 +37,6 @@ TRAIN_PY_FLAGS = [f"--config.{key}={value}" for key, value in TINY.items()]
 
 def tiny_config(**overrides):
   """``configs/default.py`` with ``TINY`` and ``overrides`` (dotted keys as ``a__b``) applied."""
-  from aa_flax.config_utils import load_config
   config = load_config(str(REPO_ROOT / "configs" / "default.py"))
   for key, value in {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
     *parents, leaf = key.split(".")
@@ -60,16 +65,15 @@ def run_train_py(workdir, *extra_flags, timeout=300) -> subprocess.CompletedProc
                         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
-def final_state(workdir) -> dict:
-  """The newest checkpoint's train state as numpy arrays."""
-  from aa_flax.checkpoint import read_state_arrays
-  steps = sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir()
-                 if p.name.isdigit())
-  return read_state_arrays(str(Path(workdir) / "checkpoints" / str(steps[-1])))
+def final_state(workdir, step=None) -> dict:
+  """The train state of checkpoint ``step`` (default: the newest) as numpy arrays."""
+  checkpoints = Path(workdir) / "checkpoints"
+  if step is None:
+    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  return read_state_arrays(str(checkpoints / str(step)))
 
 
 def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
-  import jax
   paths_a = jax.tree_util.tree_flatten_with_path(a)[0]
   paths_b = jax.tree_util.tree_flatten_with_path(b)[0]
   assert [p for p, _ in paths_a] == [p for p, _ in paths_b]
