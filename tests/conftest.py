@@ -1,13 +1,29 @@
-"""Test setup: 8 simulated CPU devices (set before jax is imported anywhere), and the
-repository root importable (``benchmarks`` is a package of the repository, not of the installed
-``aa_flax``; plain ``pytest`` does not put the working directory on the path)."""
+"""Test setup, before jax is imported anywhere: 8 simulated CPU devices, one compilation
+cache for the session, and the repository root importable (``benchmarks`` is a package of the
+repository, not of the installed ``aa_flax``; plain ``pytest`` does not put the working
+directory on the path).
 
+The compilation cache is a folder that jax in this process and in every subprocess the tests
+start (``train.py`` runs inherit the environment) reads compiled programs from: many
+subprocess runs compile the same train and eval steps, and compiling is most of their time.
+A cache entry is keyed by the program, its compile options and the devices, so a hit is the
+program that would have been compiled. ``JAX_COMPILATION_CACHE_DIR`` set by the caller wins.
+"""
+
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="aa_flax_test_jax_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
