@@ -81,10 +81,12 @@ def test_load_config_reports_bad_files_and_arguments_as_config_errors():
 
 
 def test_train_py_mistakes_print_one_line_and_write_nothing(tmp_path):
-  """A typo'd key, a bad config argument and a missing config file: one line, exit 1."""
+  """A typo'd key (top-level and nested), a bad config argument and a missing config file:
+  one line, exit 1."""
   workdir = tmp_path / "w"
   for args, expected in [
       (["--config.num_epoch=1"], "closest: num_epochs"),
+      (["--config.optimizer.learning_rat=0.1"], "--config.optimizer.learning_rat: no such config"),
       (["--config=configs/cifar.py:aa_wrn28-10"], "valid models"),
       (["--config=configs/nope.py"], "does not exist"),
   ]:
