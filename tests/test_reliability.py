@@ -2,7 +2,7 @@
 resume, non-finite steps, config changes on resume, bad workdirs.
 
 The subprocess runs use ``train.py`` with the tiny digits config (``train_helpers``)
-for 160 steps; resumed runs must end bitwise identical to the uninterrupted one.
+for 90 steps; resumed runs must end bitwise identical to the uninterrupted one.
 """
 
 import json
@@ -34,10 +34,11 @@ from aa_flax.workdir_lock import STALE_AFTER_S, WorkdirLock
 from train_helpers import (REPO_ROOT, assert_trees_equal, final_state, read_json, read_jsonl,
                            run_train_py, subprocess_env, tiny_config, train_py_command)
 
-STEPS = 160
+STEPS = 90
+CHECKPOINT_EVERY = 30
 LONG_RUN = [f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
-            "--config.checkpoint_every_steps=40", "--config.keep_checkpoints=2",
-            "--config.eval_every_steps=30"]
+            f"--config.checkpoint_every_steps={CHECKPOINT_EVERY}",
+            "--config.keep_checkpoints=2", "--config.eval_every_steps=20"]
 
 
 def _start(workdir, *flags) -> subprocess.Popen:
@@ -95,7 +96,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(reference_run, tmp_pat
   assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
   assert "Preempted: checkpoint of step" in stderr
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
-  assert 15 <= steps[-1] < STEPS and steps[-1] % 40 != 0  # the preemption checkpoint
+  assert 15 <= steps[-1] < STEPS and steps[-1] % CHECKPOINT_EVERY != 0  # the preemption checkpoint
   assert not (tmp_path / "eval_results.json").exists()
   run = run_train_py(tmp_path, *LONG_RUN)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -130,7 +131,7 @@ def test_rerunning_a_finished_run_changes_nothing(reference_run, tmp_path):
   workdir = tmp_path / "w"
   shutil.copytree(reference_run, workdir)
   evals = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["split"] == "eval"]
-  assert [r["step"] for r in evals] == [30, 60, 90, 120, 150, STEPS]
+  assert [r["step"] for r in evals] == [20, 40, 60, 80, STEPS]
   run = run_train_py(workdir, *LONG_RUN)
   assert run.returncode == 0, run.stderr[-3000:]
   _assert_same_run(workdir, reference_run)
@@ -158,7 +159,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(reference_run, tmp_pat
   run = run_train_py(workdir, *LONG_RUN)
   assert run.returncode == 0, run.stderr[-3000:]
   assert f"Checkpoint step {STEPS} is unreadable" in run.stderr
-  assert f"Resumed from {workdir / 'checkpoints' / str(STEPS - 40)}" in run.stderr
+  assert f"Resumed from {workdir / 'checkpoints' / str(STEPS - CHECKPOINT_EVERY)}" in run.stderr
   quarantined = list((workdir / "corrupt_checkpoints").iterdir())
   assert [p.name.split("-")[0] for p in quarantined] == [str(STEPS)]
   assert "DigestMismatchError" in (quarantined[0] / "aa_flax_quarantine_reason.txt").read_text()
