@@ -21,7 +21,7 @@ from aa_flax.data import preprocess
 from aa_flax.data.sources import ArraySource, DatasetSplits
 from aa_flax.errors import ConfigError, DataError, DatasetNotFoundError
 from benchmarks import input_data
-from train_helpers import SHARED_DATA
+from train_helpers import REPO_ROOT, SHARED_DATA
 
 
 def _data_config(**kwargs) -> ml_collections.ConfigDict:
@@ -299,7 +299,7 @@ def test_writing_the_small_imagenet_leaves_other_tfds_datasets_registered(tmp_pa
       "import tensorflow_datasets as tfds\n"
       "print(tfds.builder_cls('cifar10').name, tfds.builder_cls('imagenet2012').name)\n")
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          cwd=REPO_ROOT, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split()[-2:] == ["cifar10", "imagenet2012"]
 
