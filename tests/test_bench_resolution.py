@@ -1,23 +1,14 @@
 """The image-size benchmarks run end to end at tiny settings and write their tables."""
 
 import json
-import os
-import sys
 
-import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import resolution_probe, resolution_transfer  # noqa: E402
+from benchmarks import resolution_probe, resolution_transfer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_probe_scenes_render_and_label():

@@ -11,14 +11,10 @@ from aa_flax import resolution
 from aa_flax.errors import VariableMismatchError
 from aa_flax.layers import AAConv
 from aa_flax.models import create_model, list_models, model_spec
+from aa_flax.models.block_attention import GatherExcite
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def naive_resample(table, length, method):
@@ -110,7 +106,6 @@ def test_pooled_and_strided_table_lengths():
 def test_gather_kernel_is_resized_with_its_total_weight():
   """GE-θ: a kernel constant over positions stays constant with the same sum per channel, so
   the module gates a constant map as before; a random kernel is resized bilinearly."""
-  from aa_flax.models.block_attention import GatherExcite
   module = GatherExcite(variant="theta")
   x = jnp.ones((2, 6, 4, 3))
   variables = module.init(jax.random.key(0), x, train=False)

@@ -15,18 +15,13 @@ from aa_flax.data import load_splits, preprocess
 from aa_flax.errors import (ConfigError, ConfigMismatchError, VariableMismatchError,
                             WorkdirError)
 from aa_flax.models import create_model
-from test_train_support import (assert_trees_equal, final_state, read_json, run_train_py,
-                                tiny_config)
+from train_helpers import (assert_trees_equal, final_state, read_json, run_train_py,
+                           tiny_config)
 
 NEW_SIZE = 12  # the digits are 8x8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")
