@@ -20,7 +20,8 @@ from abstract_models import abstract_variables, flat_params
 # Rows whose paper count we do not match within 0.5%, with the reason (see README).
 # Table 1 lists 36.3M for the baseline WRN-28-10, but a standard WRN-28-10 on CIFAR-100 has
 # 36.54M (36.5M in docs/SPECIFICATION.md's parameter-count check and in the WRN paper); our
-# SE-WRN is that plus the SE layers; GE-WRN (parameter-free GE-θ⁻) is exactly the WRN count, as in the table.
+# SE-WRN is that plus the SE layers; GE-WRN (parameter-free GE-θ⁻) is exactly the WRN count,
+# as in the table.
 # We pin our exact counts for these rows instead.
 EXACT_COUNTS = {"wrn28_10": 36_536_884, "ge_wrn28_10": 36_536_884, "se_wrn28_10": 36_810_444}
 
