@@ -1,4 +1,5 @@
-"""CIFAR Wide-ResNet-28-10 with and without attention augmentation (the paper's Table 1; docs/SPECIFICATION.md §4).
+"""CIFAR Wide-ResNet-28-10 with and without attention augmentation (the paper's Table 1;
+docs/SPECIFICATION.md §4).
 
 Arg: ``<model>[,<dataset>]`` with model in wrn28_10 | aa_wrn28_10 | se_wrn28_10 | ge_wrn28_10
 (gather-excite, the parameter-free GE-θ⁻ variant) and dataset

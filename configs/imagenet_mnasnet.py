@@ -1,4 +1,5 @@
-"""ImageNet MnasNet-A1 with and without attention augmentation (the paper's Table 4; docs/SPECIFICATION.md §4).
+"""ImageNet MnasNet-A1 with and without attention augmentation (the paper's Table 4;
+docs/SPECIFICATION.md §4).
 
 Arg: ``<model>[,<placement>]``.
   model: ``mnasnet_<width>`` or ``aa_mnasnet_<width>``, width in 0.75 | 1.0 | 1.25 | 1.4.

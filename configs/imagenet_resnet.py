@@ -1,4 +1,5 @@
-"""ImageNet ResNets with and without attention augmentation (the paper's Tables 2, 3, 6, 7; docs/SPECIFICATION.md §4).
+"""ImageNet ResNets with and without attention augmentation (the paper's Tables 2, 3, 6, 7;
+docs/SPECIFICATION.md §4).
 
 Arg: ``<model>[,<position_encoding>]``.
   model: resnet34/50/101/152, aa_resnet34/50/101/152, se_resnet34/50/101/152 (Table 3),

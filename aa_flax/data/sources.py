@@ -335,4 +335,5 @@ def _why_not_prepared(name: str, data_dir: str, error: Exception) -> str:
     return (f"Dataset {name!r} in {version_dir} is prepared in the TFRecord format only; "
             "training reads the ArrayRecord format (no TensorFlow needed).")
   detail = " ".join(str(error).split())
-  return f"Dataset {name!r} in {version_dir} could not be opened ({type(error).__name__}: {detail})."
+  return (f"Dataset {name!r} in {version_dir} could not be opened "
+          f"({type(error).__name__}: {detail}).")

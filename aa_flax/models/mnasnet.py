@@ -1,11 +1,11 @@
 """MnasNet-A1 (Tan et al., 2019) with optional attention augmentation.
 
-Placement (docs/SPECIFICATION.md §2, marked unsure there): AA-MnasNet augments the expansion 1x1 conv of the inverted
-bottleneck in the 13 MBConv blocks from the 28x28 stage on (stages 40, 80, 112, 160, 320 at
-width 1.0), with N_h=4, κ=0.1, υ=0.05 and no d_k^h floor (the paper's parameter counts only
-match without it), pooling the attention input in the first augmented stage. That stage's
-first block sees the 56x56 map (its stride is on the depthwise conv), so pooling brings its
-attention to 28x28, while its other two blocks attend at 14x14; the 80-filter stage's first
+Placement (docs/SPECIFICATION.md §2, marked unsure there): AA-MnasNet augments the expansion 1x1
+conv of the inverted bottleneck in the 13 MBConv blocks from the 28x28 stage on (stages 40, 80,
+112, 160, 320 at width 1.0), with N_h=4, κ=0.1, υ=0.05 and no d_k^h floor (the paper's parameter
+counts only match without it), pooling the attention input in the first augmented stage. That
+stage's first block sees the 56x56 map (its stride is on the depthwise conv), so pooling brings
+its attention to 28x28, while its other two blocks attend at 14x14; the 80-filter stage's first
 block attends at 28x28 unpooled. ``attention_max_size=14`` (with ``attention_pool_stages=()``)
 is the alternative: every augmented layer is pooled until its attention map is at most 14x14.
 """

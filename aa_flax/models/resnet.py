@@ -1,9 +1,9 @@
 """ResNet v1.5 (stride on the 3x3 conv), with optional attention augmentation and SE.
 
-Placement (docs/SPECIFICATION.md §2): AA-ResNet-50/101/152 replace the 3x3 conv of every bottleneck block in
-the augmented stages with an AAConv (N_h=8, κ=0.2, υ=0.1); AA-ResNet-34 replaces the first
-3x3 conv of each basic block (κ=υ=0.25). The attention input of the stages listed in
-``attention_pool_stages`` (the 28x28 stage on ImageNet) is average-pooled by 2.
+Placement (docs/SPECIFICATION.md §2): AA-ResNet-50/101/152 replace the 3x3 conv of every
+bottleneck block in the augmented stages with an AAConv (N_h=8, κ=0.2, υ=0.1); AA-ResNet-34
+replaces the first 3x3 conv of each basic block (κ=υ=0.25). The attention input of the stages
+listed in ``attention_pool_stages`` (the 28x28 stage on ImageNet) is average-pooled by 2.
 """
 
 from __future__ import annotations

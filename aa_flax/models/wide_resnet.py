@@ -1,7 +1,7 @@
 """Wide ResNet (pre-activation, Zagoruyko & Komodakis) for 32x32 CIFAR images.
 
-Placement (docs/SPECIFICATION.md §2): AA-WRN-28-10 replaces the first 3x3 conv of every residual block with an
-AAConv (N_h=8, κ=0.2, υ=0.1, d_k^h >= 20), without attention pooling.
+Placement (docs/SPECIFICATION.md §2): AA-WRN-28-10 replaces the first 3x3 conv of every residual
+block with an AAConv (N_h=8, κ=0.2, υ=0.1, d_k^h >= 20), without attention pooling.
 """
 
 from __future__ import annotations
