@@ -173,11 +173,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              f"![attention maps](figures/{figure})"]
   runs, skipped = report.find_runs(os.path.join(args.docs, "runs", "*", "*"))
   command = " ".join(["python -m benchmarks.cifar10_evidence",
-                      *(argv if argv is not None else sys.argv[1:])])
+                      *_portable(argv if argv is not None else sys.argv[1:])])
   report.build_report(runs, os.path.join(args.docs, "REPRODUCTION.md"),
                       [int(t) for t in args.report_tables.split(",")], not args.no_flops,
                       skipped, command, extra)
   print(f"Wrote {os.path.join(args.docs, 'REPRODUCTION.md')} from {len(runs)} run record(s).")
+
+
+def _portable(argv: Sequence[str]) -> list[str]:
+  """``argv`` as a reader can rerun it: this machine's data folder becomes a placeholder."""
+  placeholder = "<folder of the CIFAR-10 npz files>"
+  portable, after_flag = [], False
+  for arg in argv:
+    if after_flag:
+      arg, after_flag = placeholder, False
+    elif arg == "--data-dir":
+      after_flag = True
+    elif arg.startswith("--data-dir="):
+      arg = f"--data-dir={placeholder}"
+    portable.append(arg)
+  return portable
 
 
 if __name__ == "__main__":

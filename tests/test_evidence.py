@@ -59,6 +59,8 @@ def test_evidence_script_end_to_end(tmp_path, capsys):
     assert info["segments"][0]["wall_time_s"] > 0 and "JPEG q75" in info["notes"][0]
     assert info["segments"][0]["environment"]["backend"] == "cpu"
   markdown = (docs / "REPRODUCTION.md").read_text()
+  assert "--data-dir=<folder of the CIFAR-10 npz files>" in markdown.splitlines()[2]
+  assert str(SHARED_DATA) not in markdown  # the report names no path of this machine
   part2 = markdown.split("## Part 2")[1]
   for name, result in results.items():
     assert f"| `{name}` | 0 | 5 | 1 | {100 * result['top1']:.2f} |" in part2
