@@ -33,10 +33,15 @@ def _abstract_variables(model: nn.Module, image_shape: Sequence[int]):
   return variables, images
 
 
+def num_elements(tree) -> int:
+  """Total number of elements of the arrays (or shape structs) in ``tree``."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
 def count_params(model: nn.Module, image_shape: Sequence[int]) -> int:
   """Number of trainable parameters. ``image_shape`` is ``[B, H, W, C]`` (sizes the tables)."""
   variables, _ = _abstract_variables(model, image_shape)
-  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(variables["params"]))
+  return num_elements(variables["params"])
 
 
 def _sub_jaxprs(eqn):

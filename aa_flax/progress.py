@@ -37,6 +37,11 @@ def _in_notebook() -> bool:
       type(ipython).__module__.startswith("google.colab")
 
 
+def hms(seconds: float) -> str:
+  """``seconds`` as ``HH:MM:SS`` (an ETA)."""
+  return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
 def _tqdm():
   """tqdm's notebook widget where ipywidgets is installed, its text bar elsewhere."""
   try:
@@ -101,7 +106,7 @@ class Progress:
     rate = self.rate(step)
     if not rate:
       return "--:--:--"
-    return time.strftime("%H:%M:%S", time.gmtime((total_steps - step) / rate))
+    return hms((total_steps - step) / rate)
 
   def train_step(self, step: int, total_steps: int, batch_size: int,
                  completed: Callable[[], int] | None = None) -> None:

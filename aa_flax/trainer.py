@@ -25,9 +25,10 @@ from absl import logging
 from etils import epath
 
 from aa_flax import config_utils, optim, parallel, storage
-from aa_flax.progress import Progress
 from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
+from aa_flax.metrics import num_elements
 from aa_flax.preemption import PreemptionWatcher
+from aa_flax.progress import Progress, hms
 
 EVAL_RESULTS_FILE = "eval_results.json"
 CONFIG_FILE = "config.json"
@@ -304,10 +305,6 @@ def _run_once(function: Callable, *args, out_shardings) -> Any:
   return lowered.compile(compiler_options=options)(*args)
 
 
-def _num_parameters(params) -> int:
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-
-
 def _state_bytes(abstract_state) -> int:
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
 
@@ -407,7 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       f"{pipeline.image_shape}: {error}") from error
   epochs = total_steps / pipeline.steps_per_epoch
   progress.line("Model %s: %.2fM parameters; %d steps of global batch %d (%.3g epoch%s) on %d "
-                "device(s).", model_name, _num_parameters(abstract_state.params) / 1e6,
+                "device(s).", model_name, num_elements(abstract_state.params) / 1e6,
                 total_steps, config.batch_size, epochs, "" if epochs == 1 else "s",
                 jax.device_count())
   state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
@@ -699,7 +696,7 @@ def _log_train(run: _Run, step: int, window: _MetricWindow, timer: _Timer,
                     "ms/step (%.0f%%) ETA %s", step, run.total_steps, _fmt(means["loss"]),
                     _fmt(means["accuracy"]), means["learning_rate"], images_per_s,
                     1e3 * wait / steps_done, 100 * min(1.0, wait / max(elapsed, 1e-9)),
-                    time.strftime("%H:%M:%S", time.gmtime(eta_s)))
+                    hms(eta_s))
 
 
 def _save(run: _Run, step: int, state: TrainState, position: int, window: _MetricWindow,
