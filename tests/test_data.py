@@ -12,13 +12,14 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from sklearn.datasets import load_digits
 import tensorflow_datasets as tfds
 
 from aa_flax import parallel
 from aa_flax.config_utils import base_config
 from aa_flax.data import InputPipeline, load_npz_files, load_splits, resolve_num_workers
 from aa_flax.data import preprocess
-from aa_flax.data.sources import ArraySource, DatasetSplits
+from aa_flax.data.sources import ArraySource, DatasetSplits, stratified_split
 from aa_flax.errors import ConfigError, DataError, DatasetNotFoundError
 from benchmarks import input_data
 from train_helpers import REPO_ROOT, SHARED_DATA
@@ -55,6 +56,29 @@ def test_digits_split_is_fixed_and_stratified():
   assert splits.train.images.dtype == np.uint8 and splits.train.images.max() == 255
   again = load_splits(_data_config(name="digits"), seed=123)  # the split ignores the seed
   np.testing.assert_array_equal(again.eval.labels, splits.eval.labels)
+  # The same 1,797 digits scikit-learn's loader gives, each in exactly one split.
+  pixels, labels = load_digits(return_X_y=True)
+  expected = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
+  ours = np.concatenate([splits.train.images, splits.eval.images]).reshape(len(labels), 64)
+  ours_labels = np.concatenate([splits.train.labels, splits.eval.labels])
+  def as_rows(images, image_labels):
+    return sorted(zip(image_labels.tolist(), map(bytes, images)))
+  assert as_rows(ours, ours_labels) == as_rows(expected, labels)
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.37])
+def test_stratified_split_holds_out_each_class_in_proportion(fraction):
+  labels = np.random.default_rng(0).choice(5, size=203, p=[0.4, 0.3, 0.15, 0.1, 0.05])
+  train, test = stratified_split(labels, fraction, seed=7)
+  assert len(test) == int(np.ceil(fraction * len(labels)))
+  assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(labels)))
+  for c in range(5):
+    count = (labels == c).sum()
+    assert abs((labels[test] == c).sum() - count * fraction) < 1  # floor or ceil of its share
+  again_train, again_test = stratified_split(labels, fraction, seed=7)
+  np.testing.assert_array_equal(again_test, test)
+  np.testing.assert_array_equal(again_train, train)
+  assert not np.array_equal(stratified_split(labels, fraction, seed=8)[1], test)
 
 
 def test_npz_concatenates_globs_and_infers_classes(tmp_path):

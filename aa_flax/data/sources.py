@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -141,15 +142,60 @@ def load_splits(data_config, *, seed: int) -> DatasetSplits:
                        fingerprint=fingerprint)
 
 
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
 def _digits_arrays() -> tuple[ArraySource, ArraySource]:
+  """The digits as uint8 ``[N, 8, 8, 1]`` images (0..16 scaled to 0..255), split 80/20."""
+  pixels, labels = _read_digits()
+  images = np.round(pixels.reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  train, test = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+  return ArraySource(images[train], labels[train]), ArraySource(images[test], labels[test])
+
+
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+  """Pixels ``float [1797, 64]`` and labels ``int32 [1797]`` of scikit-learn's digits.
+
+  The file that scikit-learn ships is read directly: importing scikit-learn (and scipy with it)
+  takes seconds, longer than the rest of a small run's start-up. Should the file ever move,
+  scikit-learn's own loader gives the same arrays.
+  """
+  spec = importlib.util.find_spec("sklearn")
+  if spec is None or not spec.submodule_search_locations:
+    raise DataError("config.data.name='digits' needs scikit-learn, which ships these digits: "
+                    "pip install scikit-learn.")
+  path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+  if os.path.exists(path):
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int32)
   from sklearn.datasets import load_digits
-  from sklearn.model_selection import train_test_split
-  digits = load_digits()
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  labels = digits.target.astype(np.int32)
-  x_train, x_test, y_train, y_test = train_test_split(
-      images, labels, test_size=0.2, random_state=0, stratify=labels)
-  return ArraySource(x_train, y_train), ArraySource(x_test, y_test)
+  pixels, labels = load_digits(return_X_y=True)
+  return pixels, labels.astype(np.int32)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Train and test indices (each shuffled) holding every class in the same proportion.
+
+  The test split has ``ceil(test_fraction * N)`` examples; class ``c`` gets its share
+  ``count_c * test_fraction`` rounded down, and the examples left over go to the classes with
+  the largest remainders (the smaller class index first on ties). Which examples of a class
+  are held out is a permutation seeded by ``seed``.
+  """
+  labels = np.asarray(labels)
+  num_test = int(np.ceil(test_fraction * len(labels)))
+  classes, counts = np.unique(labels, return_counts=True)
+  exact = counts * (num_test / len(labels))
+  shares = np.floor(exact).astype(int)
+  by_remainder = np.argsort(-(exact - shares), kind="stable")
+  shares[by_remainder[:num_test - shares.sum()]] += 1
+  rng = np.random.default_rng(seed)
+  held_out = [rng.permutation(np.flatnonzero(labels == c))[:share]
+              for c, share in zip(classes, shares)]
+  test = np.concatenate(held_out)
+  train = np.setdiff1d(np.arange(len(labels)), test)
+  return rng.permutation(train), rng.permutation(test)
 
 
 def _expand_file_patterns(spec: str, field: str) -> list[str]:
