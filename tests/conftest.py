@@ -44,19 +44,3 @@ def fast_compiles():
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
 
-
-def pytest_collection_modifyitems(config, items):
-  """With pytest-xdist (``-n 2 --dist loadgroup``, the README's test command), tests that share
-  a module-scoped fixture of their own module (a training run, a trained checkpoint, a compiled
-  model) form one group that runs on one worker, so the fixture is built once; every other
-  test goes to whichever worker is free."""
-  if not config.pluginmanager.hasplugin("xdist"):
-    return
-  for item in items:
-    module = item.nodeid.split("::", 1)[0]
-    fixture_defs = getattr(item, "_fixtureinfo", None)
-    for name in item.fixturenames:
-      defs = fixture_defs.name2fixturedefs.get(name) if fixture_defs else None
-      if defs and defs[-1].scope == "module" and defs[-1].baseid == module:
-        item.add_marker(pytest.mark.xdist_group(module))
-        break

@@ -31,8 +31,9 @@ from aa_flax.errors import ConfigError, ConfigMismatchError, NonFiniteError, Wor
 from aa_flax.integrity import DigestMismatchError, verify_digest
 from aa_flax.preemption import EXIT_PREEMPTED
 from aa_flax.workdir_lock import STALE_AFTER_S, WorkdirLock
-from train_helpers import (REPO_ROOT, assert_trees_equal, final_state, read_json, read_jsonl,
-                           run_train_py, subprocess_env, tiny_config, train_py_command)
+from train_helpers import (REPO_ROOT, assert_trees_equal, built_once, final_state, read_json,
+                           read_jsonl, run_train_py, subprocess_env, tiny_config,
+                           train_py_command)
 
 STEPS = 90
 CHECKPOINT_EVERY = 30
@@ -76,10 +77,11 @@ def _assert_same_run(workdir: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
-  workdir = tmp_path_factory.mktemp("reference")
-  run = run_train_py(workdir, *LONG_RUN)
-  assert run.returncode == 0, run.stderr[-3000:]
-  return workdir
+  """The uninterrupted run, built once however many worker processes run these tests."""
+  def train(workdir):
+    run = run_train_py(workdir, *LONG_RUN)
+    assert run.returncode == 0, run.stderr[-3000:]
+  return built_once(tmp_path_factory, "reliability_reference_run", train)
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(reference_run, tmp_path):

@@ -3,14 +3,18 @@
 ``REPO_ROOT`` is the repository, ``SHARED_DATA`` the real-data folder next to it (tests that
 need it are skipped when it is absent). ``tiny_config()`` is the embedded default shrunk for
 tests: aa_resnet_tiny at width 8 on digits, batch 64 over 8 simulated devices.
-``TRAIN_PY_FLAGS`` is the same for ``train.py``.
+``TRAIN_PY_FLAGS`` is the same for ``train.py``. ``built_once`` shares an expensive read-only
+folder between the test worker processes.
 """
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -63,6 +67,27 @@ def train_py_command(workdir, *extra_flags) -> list[str]:
 def run_train_py(workdir, *extra_flags, timeout=300) -> subprocess.CompletedProcess:
   return subprocess.run(train_py_command(workdir, *extra_flags), env=subprocess_env(),
                         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+  """The folder ``name`` that ``build(folder)`` fills, built once per test session.
+
+  Under pytest-xdist every worker process has its own module-scoped fixtures; this folder is
+  shared by them instead: the first worker to ask builds it while the others wait, then all
+  read it. Callers must not change it (copy it first). A build that raised is redone.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, above each worker's own
+  folder, done = root / name, root / f"{name}.built"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      build(folder)
+      done.touch()
+  return folder
 
 
 def final_state(workdir, step=None) -> dict:
