@@ -44,3 +44,9 @@ def fast_compiles():
   yield
   jax.config.update("jax_disable_most_optimizations", previous)
 
+
+def pytest_collection_modifyitems(items):
+  """Tests marked ``long_running`` (each tens of seconds: subprocess training runs) go first,
+  the rest keep their order: with several workers (``-n 2``) the run then ends on short tests
+  that either worker can take, not on a long one that started last."""
+  items.sort(key=lambda item: item.get_closest_marker("long_running") is None)

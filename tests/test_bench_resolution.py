@@ -36,6 +36,7 @@ def test_probe_runs_and_writes(tmp_path):
   assert "| canvas | 9 | 1 | extend |" in (tmp_path / "resolution_probe.md").read_text()
 
 
+@pytest.mark.long_running
 def test_transfer_runs_on_cifar_shaped_files(tmp_path):
   """Fake CIFAR-shaped npz files; 2 training steps, every size and variant evaluated."""
   data = tmp_path / "data"

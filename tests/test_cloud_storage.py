@@ -105,6 +105,7 @@ _SECOND_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long_running
 def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
   env, fs = emulator
   # 1. Train, then SIGTERM: exit 75 with a checkpoint in the bucket; the lock names the run.

@@ -38,6 +38,7 @@ def test_balanced_subset_takes_the_first_of_each_class():
     cifar10_evidence.balanced_subset(images, labels, 4)
 
 
+@pytest.mark.long_running
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 def test_evidence_script_end_to_end(tmp_path, capsys):
   out, docs = tmp_path / "out", tmp_path / "docs"

@@ -12,6 +12,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = REPO_ROOT / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.long_running
 def test_quickstart_notebook_executes(monkeypatch):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from train_helpers import REPO_ROOT
 
 _RUNNER = """
@@ -26,6 +28,7 @@ def readme_python_snippets() -> list[str]:
                     re.MULTILINE | re.DOTALL)
 
 
+@pytest.mark.long_running
 def test_readme_python_snippets_run_as_written(tmp_path):
   snippets = readme_python_snippets()
   assert len(snippets) >= 3

@@ -84,6 +84,7 @@ def reference_run(tmp_path_factory) -> Path:
   return built_once(tmp_path_factory, "reliability_reference_run", train)
 
 
+@pytest.mark.long_running
 def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(reference_run, tmp_path):
   process = _start(tmp_path)
   reached = _wait_for_step(process, tmp_path, 15)  # a chosen step, between two checkpoints
@@ -106,6 +107,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bitwise(reference_run, tmp_pat
   _assert_same_run(tmp_path, reference_run)
 
 
+@pytest.mark.long_running
 def test_sigkill_and_sigterm_at_random_points_resume_bitwise(reference_run, tmp_path):
   """Kills land anywhere, saves included (a checkpoint every 5 steps, async)."""
   rng = random.Random(1234)
@@ -476,6 +478,7 @@ def test_disk_full_during_a_save_stops_with_one_line_naming_the_last_checkpoint(
   assert [name for name in report["checkpoints"] if name.isdigit()] == ["10"]
 
 
+@pytest.mark.long_running
 def test_sigterm_during_an_evaluation_stops_it_and_the_resumed_run_redoes_it(tmp_path):
   """1,200 eval images in batches of 8 make each evaluation last a second or more; a SIGTERM
   right after a train log line lands in the evaluation at that step: the mid-run one, then
@@ -531,6 +534,7 @@ def _start_two_processes(workdir: Path, *flags) -> list[subprocess.Popen]:
       for i in range(2)]
 
 
+@pytest.mark.long_running
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes(tmp_path):
   processes = _start_two_processes(tmp_path)
   assert _wait_for_step(processes[0], tmp_path, 5), processes[0].stderr.read()[-3000:]

@@ -146,6 +146,7 @@ def test_resume_on_another_device_count_is_allowed_and_logged(digits_run, tmp_pa
   assert read_json(resumed / "eval_results.json")["step"] == result["step"]
 
 
+@pytest.mark.long_running
 @pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data not present")
 def test_npz_end_to_end_with_padded_eval(tmp_path):
   config = tiny_config(**{
@@ -223,6 +224,7 @@ _MULTI_PROCESS_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long_running
 def test_two_processes_match_one_process(tmp_path):
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
