@@ -35,6 +35,8 @@ from train_helpers import (REPO_ROOT, assert_trees_equal, built_once, final_stat
                            read_jsonl, run_train_py, subprocess_env, tiny_config,
                            train_py_command)
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 STEPS = 90
 CHECKPOINT_EVERY = 30
 LONG_RUN = [f"--config.num_train_steps={STEPS}", "--config.log_every_steps=5",
