@@ -24,8 +24,8 @@ import optax
 from absl import logging
 from etils import epath
 
-from aa_flax import config_utils, optim, parallel, storage
-from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
+from aa_flax import config_utils, optim, parallel, resolution, storage
+from aa_flax.errors import ConfigError, NonFiniteError, VariableMismatchError, WorkdirError
 from aa_flax.metrics import num_elements
 from aa_flax.preemption import PreemptionWatcher
 from aa_flax.progress import Progress, hms
@@ -514,8 +514,6 @@ def _checkpoint_variables(config, checkpointer, location: str, model: nn.Module,
   Returns ``(restored, variables)``. Raises ``VariableMismatchError`` for a checkpoint of
   another model (another name, or variables that differ other than in size).
   """
-  from aa_flax import resolution
-  from aa_flax.errors import VariableMismatchError
   restored = checkpointer.restore_path_as_saved(location, parallel.replicated(mesh))
   saved_name = restored.config.get("model", {}).get("name")
   if saved_name != config.model.name:
@@ -722,5 +720,5 @@ def _evaluate_and_log(run: _Run, step: int, state: TrainState, watcher) -> dict[
   results = {"step": step, **metrics}
   run.logger.write(step, "eval", metrics)
   run.progress.line("eval step %d: top1 %.4f top5 %.4f loss %.4f (%d examples)", step,
-               results["top1"], results["top5"], results["loss"], results["num_examples"])
+                    results["top1"], results["top5"], results["loss"], results["num_examples"])
   return results
