@@ -151,7 +151,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.data.image_size and config.data.num_classes must be >= 0 "
                       f"(0: from the data); got {config.data.image_size}, "
                       f"{config.data.num_classes}.")
-  from aa_flax.resolution import RESAMPLE_METHODS
+  from aa_flax.resolution import RESAMPLE_METHODS  # here: it imports jax, this module does not
   if config.resample_method not in RESAMPLE_METHODS:
     raise ConfigError(f"Unknown config.resample_method={config.resample_method!r}; valid: "
                       f"{', '.join(RESAMPLE_METHODS)}.")
