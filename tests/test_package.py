@@ -8,6 +8,7 @@ folder is not the repository, so aa_flax can only come from what was installed.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -114,3 +115,10 @@ def test_editable_install_finds_the_shipped_configs_from_another_directory(tmp_p
   found = _probe(python, elsewhere)
   assert Path(found["file"]).is_relative_to(source / "aa_flax")
   assert found["version"] == VERSION and found["cifar"] == "aa_wrn28_10"
+
+
+def test_every_console_command_the_readme_names_is_installed():
+  scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+  named = set(re.findall(r"\b(aa-flax-[a-z-]+)", (REPO_ROOT / "README.md").read_text()))
+  assert named and named <= set(scripts), (named, scripts)
+  assert scripts["aa-flax-train"] == "aa_flax.cli:run"
