@@ -25,7 +25,8 @@ PROBE = """
 import json, os, sys
 import aa_flax
 from aa_flax.config_utils import load_config
-print(json.dumps({"file": aa_flax.__file__, "version": aa_flax.__version__, "path": [os.path.realpath(p) for p in sys.path],
+print(json.dumps({"file": os.path.realpath(aa_flax.__file__), "version": aa_flax.__version__,
+                  "path": [os.path.realpath(entry) for entry in sys.path],
                   "cifar": load_config("cifar.py:aa_wrn28_10").model.name}))
 """
 
@@ -55,9 +56,9 @@ def _fresh_venv(folder: Path) -> Path:
   purelib = subprocess.run([str(python), "-c", "import sysconfig; "
                             "print(sysconfig.get_paths()['purelib'])"], capture_output=True,
                            text=True, check=True).stdout.strip()
-  dependencies = sysconfig.get_paths()["purelib"]
-  assert not Path(dependencies).resolve().is_relative_to(REPO_ROOT.resolve())
-  Path(purelib, "dependencies.pth").write_text(dependencies + "\n")
+  dependencies = Path(sysconfig.get_paths()["purelib"])
+  assert dependencies.resolve() != REPO_ROOT.resolve() and not (dependencies / "aa_flax").exists()
+  Path(purelib, "dependencies.pth").write_text(f"{dependencies}\n")
   return python
 
 
@@ -75,10 +76,6 @@ def _probe(python: Path, cwd: Path) -> dict:
   return json.loads(run.stdout)
 
 
-def _outside(path: str, folder: Path) -> bool:
-  return not Path(path).is_relative_to(folder.resolve())
-
-
 @pytest.mark.long_running
 def test_wheel_in_a_fresh_venv_trains_with_the_console_command_and_a_bare_config(tmp_path):
   source = _source_copy(tmp_path / "source")
@@ -91,8 +88,11 @@ def test_wheel_in_a_fresh_venv_trains_with_the_console_command_and_a_bare_config
   elsewhere.mkdir()
 
   found = _probe(python, elsewhere)
-  assert Path(found["file"]).is_relative_to(tmp_path / "venv")
-  assert all(_outside(entry, REPO_ROOT) and _outside(entry, source) for entry in found["path"])
+  assert Path(found["file"]).is_relative_to((tmp_path / "venv").resolve())
+  # Only the new venv has aa_flax: the checkout and the copy built from are not on the path.
+  assert not {str(REPO_ROOT.resolve()), str(source.resolve())} & set(found["path"])
+  assert [entry for entry in found["path"] if Path(entry, "aa_flax").exists()] == \
+      [str(Path(found["file"]).parents[1])]
   assert found["version"] == VERSION and found["cifar"] == "aa_wrn28_10"
 
   run = subprocess.run([str(tmp_path / "venv" / "bin" / "aa-flax-train"), "--workdir=run",
@@ -113,7 +113,7 @@ def test_editable_install_finds_the_shipped_configs_from_another_directory(tmp_p
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   found = _probe(python, elsewhere)
-  assert Path(found["file"]).is_relative_to(source / "aa_flax")
+  assert Path(found["file"]).is_relative_to((source / "aa_flax").resolve())
   assert found["version"] == VERSION and found["cifar"] == "aa_wrn28_10"
 
 
