@@ -24,10 +24,14 @@ VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["
 PROBE = """
 import json, os, sys
 import aa_flax
+from aa_flax import report, tables
 from aa_flax.config_utils import load_config
+rows = [row for row in tables.PAPER_ROWS if tables.is_implemented(row)]
 print(json.dumps({"file": os.path.realpath(aa_flax.__file__), "version": aa_flax.__version__,
                   "path": [os.path.realpath(entry) for entry in sys.path],
-                  "cifar": load_config("cifar.py:aa_wrn28_10").model.name}))
+                  "cifar": load_config("cifar.py:aa_wrn28_10").model.name,
+                  "report rows": all(report.row_config(row).model.name == row.model
+                                     for row in rows)}))
 """
 
 
@@ -93,7 +97,7 @@ def test_wheel_in_a_fresh_venv_trains_with_the_console_command_and_a_bare_config
   assert not {str(REPO_ROOT.resolve()), str(source.resolve())} & set(found["path"])
   assert [entry for entry in found["path"] if Path(entry, "aa_flax").exists()] == \
       [str(Path(found["file"]).parents[1])]
-  assert found["version"] == VERSION and found["cifar"] == "aa_wrn28_10"
+  assert found["version"] == VERSION and found["cifar"] == "aa_wrn28_10" and found["report rows"]
 
   run = subprocess.run([str(tmp_path / "venv" / "bin" / "aa-flax-train"), "--workdir=run",
                         "--config=default.py", *TRAIN_PY_FLAGS], capture_output=True,
@@ -114,7 +118,7 @@ def test_editable_install_finds_the_shipped_configs_from_another_directory(tmp_p
   elsewhere.mkdir()
   found = _probe(python, elsewhere)
   assert Path(found["file"]).is_relative_to((source / "aa_flax").resolve())
-  assert found["version"] == VERSION and found["cifar"] == "aa_wrn28_10"
+  assert found["version"] == VERSION and found["cifar"] == "aa_wrn28_10" and found["report rows"]
 
 
 def test_every_console_command_the_readme_names_is_installed():
