@@ -91,6 +91,17 @@ def test_bare_config_names_find_the_shipped_configs_from_any_directory(tmp_path,
   assert config_utils.load_config("mine.py").seed == 7  # a file here is a path, as before
 
 
+def test_command_line_takes_bare_config_names_as_the_shipped_files(tmp_path, monkeypatch):
+  from aa_flax import cli
+  monkeypatch.chdir(tmp_path)
+  cifar = f"{config_utils.shipped_configs_dir()}/cifar.py:aa_wrn28_10"
+  assert cli._checked_argv(["t", "--config=cifar.py:aa_wrn28_10", "--config.seed=1"]) == \
+      ["t", f"--config={cifar}", "--config.seed=1"]
+  assert cli._checked_argv(["t", "--config", "cifar.py:aa_wrn28_10"]) == ["t", "--config", cifar]
+  path = str(REPO_ROOT / "configs" / "default.py")
+  assert cli._checked_argv(["t", f"--config={path}"]) == ["t", f"--config={path}"]
+
+
 def test_missing_config_names_the_shipped_configs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   shipped = "cifar.py, cifar10_evidence.py, default.py, imagenet_mnasnet.py, imagenet_resnet.py"
