@@ -14,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,11 @@ def test_wheel_in_a_fresh_venv_trains_with_the_console_command_and_a_bare_config
   _pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
        str(source))
   [wheel] = (tmp_path / "dist").glob("aa_flax-*.whl")
+  # pyproject.toml lists the packages: every one of the checkout must be in the wheel.
+  modules = {str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "aa_flax").rglob("*.py")
+             if "__pycache__" not in path.parts}
+  configs = {f"aa_flax/configs/{path.name}" for path in (REPO_ROOT / "configs").glob("*.py")}
+  assert modules | configs <= set(zipfile.ZipFile(wheel).namelist())
   python = _fresh_venv(tmp_path / "venv")
   _pip("--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel))
   elsewhere = tmp_path / "elsewhere"
