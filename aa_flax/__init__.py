@@ -1,8 +1,15 @@
 """aa_flax: Attention Augmented Convolutional Networks (Bello et al., ICCV 2019) in JAX/Flax."""
 
+from importlib import metadata
+
 from aa_flax import attention, layers
 
-__all__ = ["attention", "layers", "train_and_evaluate"]
+__all__ = ["__version__", "attention", "layers", "train_and_evaluate"]
+
+try:  # pyproject.toml's version, as installed (pip install . or -e .)
+  __version__ = metadata.version("aa_flax")
+except metadata.PackageNotFoundError:  # a checkout on PYTHONPATH that was never installed
+  __version__ = "0+unknown"
 
 
 def __getattr__(name):

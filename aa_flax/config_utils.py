@@ -237,20 +237,57 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
 
+def shipped_configs_dir() -> str:
+  """The folder of the configs that ship with aa_flax: ``aa_flax/configs`` in an installed
+  package, the repository's ``configs/`` in a checkout (or an editable install)."""
+  import os
+  package_dir = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(package_dir, "configs")
+  return installed if os.path.isdir(installed) else \
+      os.path.join(os.path.dirname(package_dir), "configs")
+
+
+def shipped_config_names() -> list[str]:
+  """The file names of the shipped configs, e.g. ``['cifar.py', ..., 'default.py', ...]``."""
+  import os
+  folder = shipped_configs_dir()
+  return sorted(name for name in os.listdir(folder)
+                if name.endswith(".py") and not name.startswith("_")) \
+      if os.path.isdir(folder) else []
+
+
+def resolve_config_spec(spec: str) -> str:
+  """``'<path>[:<arg>]'`` with the path made a file that exists: an existing path stays as it
+  is; a bare file name (``'cifar.py:aa_wrn28_10'``) that is no file here names a shipped
+  config. Raises ``ConfigError`` naming the shipped configs when neither exists."""
+  import os
+  path, sep, arg = spec.partition(":")
+  if os.path.isfile(path):
+    return spec
+  names = shipped_config_names()
+  if os.path.basename(path) == path:
+    if path in names:
+      return os.path.join(shipped_configs_dir(), path) + sep + arg
+    raise ConfigError(f"No config file {path!r} here and no shipped config of that name; "
+                      f"shipped: {', '.join(names) or 'none'}.")
+  siblings = sorted(f for f in os.listdir(os.path.dirname(path)) if f.endswith(".py")) \
+      if os.path.isdir(os.path.dirname(path)) else []
+  hint = f" Files there: {', '.join(siblings)}." if siblings else ""
+  raise ConfigError(f"Config file {path!r} does not exist.{hint} Or use one of the shipped "
+                    f"configs by bare name (e.g. 'default.py'): {', '.join(names) or 'none'}.")
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """``'configs/cifar.py:aa_wrn28_10'`` -> that file's ``get_config('aa_wrn28_10')``.
 
   The Python counterpart of ``train.py --config=<path>[:<arg>]`` (for notebooks and tests).
-  A missing file or an argument the file rejects raises ``ConfigError``.
+  A bare file name such as ``'cifar.py:aa_wrn28_10'`` that is no file in the working
+  directory names a shipped config (see ``resolve_config_spec``). A missing file or an
+  argument the file rejects raises ``ConfigError``.
   """
   import importlib.util
   import os
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    siblings = sorted(f for f in os.listdir(os.path.dirname(path) or ".") if f.endswith(".py")) \
-        if os.path.isdir(os.path.dirname(path) or ".") else []
-    hint = f" Files there: {', '.join(siblings)}." if siblings else ""
-    raise ConfigError(f"Config file {path!r} does not exist.{hint}")
+  path, _, arg = resolve_config_spec(spec).partition(":")
   module_spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(module_spec)

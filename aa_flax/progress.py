@@ -5,7 +5,9 @@ The outputs (``train_and_evaluate(..., progress=...)``):
 
 * ``"log"``: absl ``logging.info`` lines (what ``train.py`` uses).
 * ``"print"``: the same lines on stderr, for scripts that never set up logging.
-* ``"bar"``: ``tqdm`` progress bars for training and evaluation (notebooks), plus the lines.
+* ``"bar"``: ``tqdm`` progress bars for training and evaluation (notebooks), one form at a
+  time: a line while the training bar is open becomes the bar's status text (the newest one
+  stays on the finished bar), other lines print as in ``"print"``.
 * ``"auto"``: ``"bar"`` inside a Jupyter/Colab kernel, else ``"print"``.
 * ``"none"``: nothing (warnings and errors still go to logging).
 
@@ -79,7 +81,7 @@ class Progress:
     elif self.mode in ("print", "bar"):
       text = message % args if args else message
       if self._train_bar is not None:
-        self._train_bar.write(text, file=sys.stderr)
+        self._train_bar.set_postfix_str(text)
       else:
         print(text, file=sys.stderr, flush=True)
 

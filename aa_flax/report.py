@@ -35,7 +35,6 @@ from aa_flax.errors import AAFlaxError, WorkdirError
 from aa_flax.metric_logging import METRICS_FILE
 from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Config keys that change neither what is trained nor how (logging, checkpoints, loaders).
 BOOKKEEPING_KEYS = frozenset({
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -153,13 +152,10 @@ def find_runs(spec: str) -> tuple[list[Run], list[str]]:
 
 
 def row_config(row: tables.PaperRow):
-  """The ``ml_collections`` config that trains ``row`` (from the repository's configs/)."""
+  """The ``ml_collections`` config that trains ``row`` (from the shipped configs)."""
   path, _, arg = tables.config_spec(row).partition(":")
-  for root in (REPO_ROOT, os.getcwd()):
-    if os.path.isfile(os.path.join(root, path)):
-      return config_utils.load_config(f"{os.path.join(root, path)}:{arg}")
-  raise WorkdirError(f"{path} not found under {REPO_ROOT} or the current directory; run the "
-                     "report from a checkout of the repository.")
+  return config_utils.load_config(
+      f"{os.path.join(config_utils.shipped_configs_dir(), os.path.basename(path))}:{arg}")
 
 
 def _settings(config: dict[str, Any], sections: Sequence[str], inside: bool) -> dict[str, Any]:

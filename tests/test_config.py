@@ -80,6 +80,39 @@ def test_load_config_reports_bad_files_and_arguments_as_config_errors():
     config_utils.load_config(str(REPO_ROOT / "configs" / "cifar.py:aa_wrn28-10"))
 
 
+def test_bare_config_names_find_the_shipped_configs_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  shipped = config_utils.load_config(str(REPO_ROOT / "configs" / "default.py"))
+  assert config_utils.load_config("default.py").to_dict() == shipped.to_dict()
+  assert config_utils.load_config("cifar.py:aa_wrn28_10").model.name == "aa_wrn28_10"
+  (tmp_path / "mine.py").write_text(
+      "from aa_flax.config_utils import base_config\n"
+      "def get_config():\n  config = base_config()\n  config.seed = 7\n  return config\n")
+  assert config_utils.load_config("mine.py").seed == 7  # a file here is a path, as before
+
+
+def test_command_line_takes_bare_config_names_as_the_shipped_files(tmp_path, monkeypatch):
+  from aa_flax import cli
+  monkeypatch.chdir(tmp_path)
+  cifar = f"{config_utils.shipped_configs_dir()}/cifar.py:aa_wrn28_10"
+  assert cli._checked_argv(["t", "--config=cifar.py:aa_wrn28_10", "--config.seed=1"]) == \
+      ["t", f"--config={cifar}", "--config.seed=1"]
+  assert cli._checked_argv(["t", "--config", "cifar.py:aa_wrn28_10"]) == ["t", "--config", cifar]
+  path = str(REPO_ROOT / "configs" / "default.py")
+  assert cli._checked_argv(["t", f"--config={path}"]) == ["t", f"--config={path}"]
+
+
+def test_missing_config_names_the_shipped_configs(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  shipped = "cifar.py, cifar10_evidence.py, default.py, imagenet_mnasnet.py, imagenet_resnet.py"
+  with pytest.raises(ConfigError, match=r"^No config file 'defualt.py' here and no shipped "
+                                        rf"config of that name; shipped: {shipped}\.$"):
+    config_utils.load_config("defualt.py")
+  with pytest.raises(ConfigError, match=rf"'configs/default.py' does not exist\. .*"
+                                        rf"shipped configs by bare name .*: {shipped}\.$"):
+    config_utils.load_config("configs/default.py:x")
+
+
 def test_train_py_mistakes_print_one_line_and_write_nothing(tmp_path):
   """A typo'd key (top-level and nested), a bad config argument and a missing config file:
   one line, exit 1."""
@@ -89,6 +122,7 @@ def test_train_py_mistakes_print_one_line_and_write_nothing(tmp_path):
       (["--config.optimizer.learning_rat=0.1"], "--config.optimizer.learning_rat: no such config"),
       (["--config=configs/cifar.py:aa_wrn28-10"], "valid models"),
       (["--config=configs/nope.py"], "does not exist"),
+      (["--config=nope.py"], "shipped: cifar.py,"),
   ]:
     run = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), f"--workdir={workdir}",
                           *args], env=subprocess_env(), capture_output=True, text=True,
@@ -107,3 +141,12 @@ def test_installed_package_requires_every_runtime_dependency():
   listed = {line.replace(" ", "") for line in lines if line}
   normalise = lambda spec: "".join(sorted(spec.lower()))  # noqa: E731 - specifier order varies
   assert {normalise(s) for s in listed} <= {normalise(s) for s in required}
+
+
+def test_version_is_the_package_metadata_version():
+  import tomllib
+
+  import aa_flax
+  pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+  assert aa_flax.__version__ == importlib.metadata.version("aa_flax") \
+      == pyproject["project"]["version"]

@@ -1,6 +1,7 @@
 """Progress reporting: heartbeat timing, rates, eval counts, modes (no training here)."""
 
 import logging
+import re
 import sys
 import types
 
@@ -102,6 +103,27 @@ def test_bar_mode_advances_a_bar_and_keeps_lines(capsys):
   list(progress.eval_batches(iter([1, 2]), num_examples=4, examples_per_batch=2))
   err = capsys.readouterr().err
   assert "eval line" in err and "6/6" in err and "step 5/6:" not in err  # bars, no heartbeats
+
+
+def test_bar_mode_shows_lines_in_the_open_bar_never_between_its_renders(capsys):
+  """One form at a time: a line while the training bar is open becomes the bar's status
+  text; before and after the bar it is a line of its own."""
+  clock = _Clock()
+  progress = Progress("bar", interval_s=0, clock=clock)
+  progress.line("Model x: 4 steps")
+  progress.start_training(0, 4)
+  progress.line("Compiling the train step...")
+  clock.now += 1
+  progress.train_step(1, 4, batch_size=1)
+  progress.line("step %d/%d loss %.1f", 4, 4, 0.5)
+  progress.end_training(4)
+  progress.line("Evaluating at step 4")
+  segments = [s for s in re.split(r"[\r\n]", capsys.readouterr().err) if s.strip()]
+  assert segments[0] == "Model x: 4 steps" and segments[-1] == "Evaluating at step 4"
+  bar = segments[1:-1]
+  assert bar and all(s.startswith("train:") for s in bar), segments
+  assert any("Compiling the train step..." in s for s in bar)
+  assert "4/4" in bar[-1] and "step 4/4 loss 0.5" in bar[-1]
 
 
 def test_auto_is_bar_in_a_notebook_kernel_and_print_elsewhere(monkeypatch):
