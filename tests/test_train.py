@@ -85,7 +85,8 @@ def test_eval_only_reproduces_final_eval(digits_run, tmp_path):
   evaluated = aa_flax.train_and_evaluate(config, str(tmp_path))
   assert {k: evaluated[k] for k in ("step", "top1", "top5", "loss", "num_examples")} == \
       {k: result[k] for k in ("step", "top1", "top5", "loss", "num_examples")}
-  assert read_json(tmp_path / "eval_results.json")["top1"] == result["top1"]
+  written = read_json(tmp_path / "eval_only_results" / "step_000012_8px.json")
+  assert written["top1"] == result["top1"] and not (tmp_path / "eval_results.json").exists()
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
