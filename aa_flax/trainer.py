@@ -715,8 +715,10 @@ def _log_train(run: _Run, step: int, window: _MetricWindow, timer: _Timer,
 
 def _save(run: _Run, step: int, state: TrainState, position: int, window: _MetricWindow,
           pending_eval: bool = False) -> int:
-  """Checks the queued steps, then starts saving ``step``; returns ``step``."""
+  """Checks the queued steps, stores the metric records so far, then starts saving ``step``;
+  returns ``step``."""
   _flush(run, window)
+  run.logger.flush()  # a resume from this checkpoint finds every record up to it
   run.checkpointer.save(step, state, {
       "data_position": position, "metric_window": window.state(),
       "skipped_steps": window.skipped, "pending_eval": pending_eval, **run.provenance},
