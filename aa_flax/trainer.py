@@ -360,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from aa_flax.workdir_lock import workdir_lock
 
   config_utils.validate_config(config)
+  workdir = storage.path(workdir)  # an unsupported scheme fails here, before any work
   is_main = jax.process_index() == 0
   if not isinstance(progress, Progress):
     progress = Progress(progress if is_main else "none")
@@ -414,7 +415,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       abstract_state, state_sharding)
 
-  workdir = storage.path(workdir)
   storage.check_workdir(workdir, _state_bytes(abstract_state) * (config.keep_checkpoints + 1))
   norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
   eval_step = jax.jit(make_eval_step(model, **norm),
