@@ -76,9 +76,9 @@ def test_bad_sources_are_named(tmp_path):
     convert.read_image_folder(str(tmp_path / "missing"))
 
 
-def _convert(*args):
+def _convert(*args, cwd=REPO_ROOT):
   return subprocess.run([sys.executable, "-m", "aa_flax.data.convert", *map(str, args)],
-                        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True,
+                        env=subprocess_env(), cwd=cwd, capture_output=True, text=True,
                         timeout=120)
 
 
@@ -133,7 +133,7 @@ def test_a_crafted_cifar_pickle_cannot_run_code(tmp_path, monkeypatch, payload):
                                       r"posix\.system).*not CIFAR data") as error:
     convert.read_cifar_python(str(source))
   assert "\n" not in str(error.value) and not (tmp_path / "PWNED").exists()
-  run = _convert("cifar", source, tmp_path / "out")
+  run = _convert("cifar", source, tmp_path / "out", cwd=tmp_path)
   lines = [line for line in run.stderr.splitlines() if line.strip()]
   assert run.returncode != 0 and len(lines) == 1 and "refused to load" in lines[0], run.stderr
   assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
