@@ -2,7 +2,8 @@
 
 Every config in ``configs/`` starts from ``base_config()``, so every key below exists in all
 of them and ``--config.<key>=...`` works on top of any config; a key that does not exist
-fails loudly in ``config_flags``.
+fails loudly in ``config_flags``, and assigning one from Python (``config.num_train_step =
+30``) raises ``ConfigError`` naming the closest keys (the config is locked).
 """
 
 from __future__ import annotations
@@ -27,14 +28,42 @@ RESUME_FREE_KEYS = frozenset({
     "data.prefetch", "data.tfds_data_dir"})
 
 
+class Config(ml_collections.ConfigDict):
+  """A ``ConfigDict`` whose keys are fixed once locked (``base_config`` locks it): assigning
+  a key that does not exist raises ``ConfigError`` naming the closest existing keys."""
+
+  def __setitem__(self, key, value):
+    if self.is_locked and key not in self:
+      import difflib
+      prefix = self.__dict__.get("_prefix", "")  # the section's dotted path, set by lock()
+      keys = [str(k) for k in self.keys()]
+      close = difflib.get_close_matches(str(key), keys, n=3, cutoff=0.6) or sorted(keys)[:8]
+      raise ConfigError(f"config.{prefix}{key}: no such config key; closest: "
+                        f"{', '.join(prefix + k for k in close)} (every key: docs/CONFIG.md).")
+    super().__setitem__(key, value)
+
+  def lock(self) -> "Config":
+    super().lock()
+    _set_prefixes(self, "")
+    return self
+
+
+def _set_prefixes(section: ml_collections.ConfigDict, prefix: str) -> None:
+  object.__setattr__(section, "_prefix", prefix)
+  for key, value in section.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _set_prefixes(value, f"{prefix}{key}.")
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """Every key a training config has, with neutral defaults (all listed in docs/CONFIG.md)."""
-  config = ml_collections.ConfigDict()
+  """Every key a training config has, with neutral defaults (all listed in docs/CONFIG.md);
+  locked: assigning a key that does not exist raises ``ConfigError``."""
+  config = Config()
   config.seed = 0
 
   config.model = model_section("resnet50")
 
-  config.data = ml_collections.ConfigDict()
+  config.data = Config()
   config.data.name = "digits"
   config.data.train_files = ""  # npz: comma-separated paths or globs
   config.data.eval_files = ""
@@ -47,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_threads = 4  # grain reader threads per process (shared among its workers)
   config.data.num_workers = -1  # worker processes; -1: auto (tfds datasets on multi-core hosts)
   config.data.prefetch = 8  # batches of look-ahead
-  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic = Config()
   config.data.synthetic.channels = 3
   config.data.synthetic.num_classes = 10
   config.data.synthetic.num_train_examples = 10_000
@@ -60,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.half_precision = False  # bf16 activations; f32 params, logits and loss
   config.label_smoothing = 0.0
 
-  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer = Config()
   config.optimizer.name = "sgd"  # sgd | rmsprop
   config.optimizer.base_learning_rate = 0.1  # per 256 examples (scaled by batch/256)
   config.optimizer.momentum = 0.9
@@ -89,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.on_nonfinite = "stop"  # stop | skip (the step's update is dropped)
   config.max_skipped_fraction = 0.1  # skip: fail once more of the steps so far were skipped
   config.allow_config_mismatch = False  # resume despite model/data/recipe changes (warned)
-  return config
+  return config.lock()
 
 
 def model_section(name: str) -> ml_collections.ConfigDict:
@@ -97,9 +126,9 @@ def model_section(name: str) -> ml_collections.ConfigDict:
   ``attention``, every attention setting. ``None`` (the default) keeps the model's own value;
   anything else is passed to ``create_model`` (see ``model_overrides``)."""
   from aa_flax.models import registry
-  section = ml_collections.ConfigDict()
+  section = Config()
   section.name = name
-  section.attention = ml_collections.ConfigDict(
+  section.attention = Config(
       {key: config_dict.placeholder(kind) for key, kind in registry.attention_options().items()})
   for key, (kind, _) in registry.model_options().items():
     section[key] = config_dict.placeholder(kind)
@@ -159,9 +188,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config.init_from_checkpoint starts training; to evaluate a checkpoint "
                       "set config.checkpoint_path instead.")
   _check_range("optimizer.base_learning_rate", config.optimizer.base_learning_rate, 0.0, None)
+  _check_range("optimizer.weight_decay", config.optimizer.weight_decay, 0.0, None)
+  _check_range("optimizer.grad_clip_norm", config.optimizer.grad_clip_norm, 0.0, None)
+  _check_range("optimizer.momentum", config.optimizer.momentum, 0.0, 1.0)
   _check_range("optimizer.warmup_epochs", config.optimizer.warmup_epochs, 0.0, None)
   _check_range("label_smoothing", config.label_smoothing, 0.0, 1.0, upper_open=True)
   _check_range("max_skipped_fraction", config.max_skipped_fraction, 0.0, 1.0)
+  for key in ("prefetch", "num_threads"):
+    if config.data[key] < 0:
+      raise ConfigError(f"config.data.{key}={config.data[key]} is invalid; it must be an "
+                        "integer >= 0.")
+  _check_normalisation(tuple(config.data.mean), tuple(config.data.std))
+
+
+def _check_normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+  """``config.data.mean``/``std``: both set or both empty; finite; std > 0."""
+  for key, values, other in (("mean", mean, "std"), ("std", std, "mean")):
+    if values and not (mean and std):
+      raise ConfigError(f"config.data.{key}={values} is set but config.data.{other} is not; "
+                        "set both (per channel, on a 0..1 pixel scale) or neither (both "
+                        "computed from the training images).")
+  if not all(math.isfinite(value) for value in mean):
+    raise ConfigError(f"config.data.mean={mean} is invalid; it must hold finite numbers (one "
+                      "per channel, on a 0..1 pixel scale).")
+  if not all(math.isfinite(value) and value > 0 for value in std):
+    raise ConfigError(f"config.data.std={std} is invalid; it must hold positive finite "
+                      "numbers (one per channel, on a 0..1 pixel scale).")
 
 
 def _check_range(key: str, value: float, low: float, high: float | None,
@@ -227,8 +279,9 @@ def check_resume_config(differences: list[tuple[str, Any, Any]], allow_mismatch:
     return
   raise ConfigMismatchError(
       "The workdir holds checkpoints of a run with a different config:\n"
-      f"{lines}\nUse a new --workdir, or pass --config.allow_config_mismatch=True to resume "
-      "anyway (each difference is then logged as a warning).")
+      f"{lines}\nUse a new --workdir, or pass --config.allow_config_mismatch=True (from Python: "
+      "config.allow_config_mismatch = True) to resume anyway (each difference is then logged "
+      "as a warning).")
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -293,9 +346,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   try:
-    return module.get_config(arg) if arg else module.get_config()
+    config = module.get_config(arg) if arg else module.get_config()
   except (ValueError, TypeError) as error:
     raise ConfigError(f"--config={spec}: {error}") from error
+  return config.lock()  # a key that does not exist cannot be assigned
 
 
 def check_override_keys(config: ml_collections.ConfigDict, keys: list[str]) -> None:

@@ -1,7 +1,7 @@
 """Optimisers and learning-rate schedules from ``config.optimizer``.
 
 * Peak LR = ``base_learning_rate * batch_size / 256``, reached by a linear warm-up from 0 over
-  ``warmup_epochs``, then ``schedule``: ``cosine`` (to 0 at the last step), ``exponential``
+  ``warmup_epochs`` (a run not longer than that warms up over a tenth of its steps), then ``schedule``: ``cosine`` (to 0 at the last step), ``exponential``
   (staircase, ``decay_rate`` every ``decay_epochs``, the MnasNet recipe) or ``constant``.
 * ``sgd``: momentum (``nesterov`` optional). ``rmsprop``: TF-style RMSProp (``rmsprop_decay``,
   ``rmsprop_eps`` inside the root, momentum). Both add ``weight_decay * w`` to the gradient of
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import optax
+from absl import logging
 
 from aa_flax.errors import ConfigError
 
@@ -31,12 +32,12 @@ def create_learning_rate_schedule(opt_config, batch_size: int, steps_per_epoch: 
                       f"{', '.join(SCHEDULES)}.")
   peak = peak_learning_rate(opt_config, batch_size)
   warmup_steps = int(round(opt_config.warmup_epochs * steps_per_epoch))
-  if warmup_steps and warmup_steps >= total_steps:
-    raise ConfigError(
-        f"config.optimizer.warmup_epochs={opt_config.warmup_epochs} ({warmup_steps} steps) is "
-        f"not shorter than training ({total_steps} steps), so the learning rate would never "
-        f"decay; lower warmup_epochs (e.g. to {total_steps / steps_per_epoch / 20:.2g}) or "
-        "train longer.")
+  if warmup_steps and warmup_steps >= total_steps:  # e.g. a smoke run of a few steps
+    shortened = total_steps // 10
+    logging.warning("config.optimizer.warmup_epochs=%s (%d steps) is not shorter than training "
+                    "(%d steps); warming up over %d steps (a tenth of training) for this run.",
+                    opt_config.warmup_epochs, warmup_steps, total_steps, shortened)
+    warmup_steps = shortened
   warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
   if opt_config.schedule == "cosine":
     after = optax.cosine_decay_schedule(peak, max(total_steps - warmup_steps, 1))

@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 from aa_flax import config_utils, run_info, tables
 from aa_flax.errors import AAFlaxError, WorkdirError
-from aa_flax.metric_logging import METRICS_FILE
+from aa_flax.metric_logging import read_records
 from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
 
 # Config keys that change neither what is trained nor how (logging, checkpoints, loaders).
@@ -104,20 +104,6 @@ def _read_json(path: str) -> Optional[dict[str, Any]]:
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-  from etils import epath
-  path = epath.Path(path)
-  if not path.exists():
-    return []
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      records.append(json.loads(line))
-    except ValueError:
-      continue  # a line cut short by a kill
-  return records
-
-
 def load_run(workdir: str) -> Run:
   """Reads a workdir. Raises ``WorkdirError`` if it holds no ``config.json``."""
   config = _read_json(os.path.join(workdir, CONFIG_FILE))
@@ -126,7 +112,7 @@ def load_run(workdir: str) -> Run:
   return Run(workdir=workdir, config=config,
              results=_read_json(os.path.join(workdir, EVAL_RESULTS_FILE)),
              info=run_info.read(workdir),
-             records=_read_jsonl(os.path.join(workdir, METRICS_FILE)))
+             records=read_records(workdir))
 
 
 def find_runs(spec: str) -> tuple[list[Run], list[str]]:

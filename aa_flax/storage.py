@@ -22,14 +22,22 @@ from etils import epath
 from aa_flax.errors import WorkdirError
 
 
+SCHEMES = ("gs", "s3", "az")  # object stores etils.epath writes to (through fsspec)
+
+
 def is_remote(location: str | os.PathLike) -> bool:
   """True for URLs such as ``gs://bucket/run``; False for local paths."""
   return "://" in os.fspath(location)
 
 
 def path(location: str | os.PathLike) -> epath.Path:
-  """``location`` as an ``epath.Path``; local paths are made absolute."""
+  """``location`` as an ``epath.Path``; local paths are made absolute. Raises
+  ``WorkdirError`` for a URL scheme other than ``SCHEMES``."""
   location = os.fspath(location)
+  scheme = location.split("://", 1)[0] if is_remote(location) else None
+  if scheme is not None and scheme not in SCHEMES:
+    raise WorkdirError(f"{location}: unsupported scheme '{scheme}://'; use a local path, "
+                       f"{', '.join(f'{s}://' for s in SCHEMES)}.")
   return epath.Path(location if is_remote(location) else os.path.abspath(location))
 
 

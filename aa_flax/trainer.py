@@ -30,7 +30,8 @@ from aa_flax.metrics import num_elements
 from aa_flax.preemption import PreemptionWatcher
 from aa_flax.progress import Progress, hms
 
-EVAL_RESULTS_FILE = "eval_results.json"
+EVAL_RESULTS_FILE = "eval_results.json"  # written only by the training run of the workdir
+EVAL_ONLY_DIR = "eval_only_results"  # eval-only results, one file per checkpoint step and size
 CONFIG_FILE = "config.json"
 
 
@@ -336,7 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config: a config built on ``aa_flax.config_utils.base_config()`` (see ``configs/``).
     workdir: a local path or a cloud URL (``gs://bucket/run``; see ``aa_flax.storage``).
       Checkpoints, ``metrics.jsonl``, ``eval_results.json``, ``config.json`` and TensorBoard
-      events go here; ``run.lock`` keeps a second run out while this one runs.
+      events go here (eval-only: ``eval_only_results/``, see ``eval_only_path``);
+      ``run.lock`` keeps a second run out while this one runs.
     model: optional flax module to train instead of ``config.model`` (same call convention
       as the registry's models); ``config.model`` is then only recorded.
     progress: where progress goes (``aa_flax.progress``): ``"auto"`` (bars in a notebook,
@@ -358,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   from aa_flax.workdir_lock import workdir_lock
 
   config_utils.validate_config(config)
+  workdir = storage.path(workdir)  # an unsupported scheme fails here, before any work
   is_main = jax.process_index() == 0
   if not isinstance(progress, Progress):
     progress = Progress(progress if is_main else "none")
@@ -412,7 +415,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       abstract_state, state_sharding)
 
-  workdir = storage.path(workdir)
   storage.check_workdir(workdir, _state_bytes(abstract_state) * (config.keep_checkpoints + 1))
   norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
   eval_step = jax.jit(make_eval_step(model, **norm),
@@ -534,7 +536,9 @@ def _checkpoint_variables(config, checkpointer, location: str, model: nn.Module,
 def _evaluate_only(config, workdir, checkpointer, checkpoint_state, eval_step, pipeline, mesh,
                    is_main, progress: Progress) -> dict[str, Any]:
   """Evaluates ``config.checkpoint_path`` (else the workdir's newest checkpoint) at the
-  configured image size; the checkpoint itself is only read."""
+  configured image size; the checkpoint itself is only read. The results (with the image
+  size and the checkpoint) go to ``eval_only_path``, never to a training run's
+  ``eval_results.json``."""
   location = config.checkpoint_path
   if not location:
     newest = checkpointer.latest_step()
@@ -552,8 +556,20 @@ def _evaluate_only(config, workdir, checkpointer, checkpoint_state, eval_step, p
   progress.line("Eval of %s: top1 %.4f top5 %.4f loss %.4f (%d examples)", restored.path,
                 results["top1"], results["top5"], results["loss"], results["num_examples"])
   if is_main:
-    storage.write_json(workdir / EVAL_RESULTS_FILE, results)
+    height, width = pipeline.image_shape[:2]
+    target = eval_only_path(workdir, restored.step, (height, width))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_json(target, {**results, "image_size": [height, width],
+                                "checkpoint": str(restored.path)})
+    progress.line("Eval-only results: %s", target)
   return {**results, "preempted": False}
+
+
+def eval_only_path(workdir: epath.Path, step: int, image_size: tuple[int, int]) -> epath.Path:
+  """``<workdir>/eval_only_results/step_000030_32px.json`` (``32x48px`` if not square)."""
+  height, width = image_size
+  size = f"{height}px" if height == width else f"{height}x{width}px"
+  return workdir / EVAL_ONLY_DIR / f"step_{step:06d}_{size}.json"
 
 
 def _train_loop(run: _Run, state: TrainState, start_step: int,
@@ -699,8 +715,10 @@ def _log_train(run: _Run, step: int, window: _MetricWindow, timer: _Timer,
 
 def _save(run: _Run, step: int, state: TrainState, position: int, window: _MetricWindow,
           pending_eval: bool = False) -> int:
-  """Checks the queued steps, then starts saving ``step``; returns ``step``."""
+  """Checks the queued steps, stores the metric records so far, then starts saving ``step``;
+  returns ``step``."""
   _flush(run, window)
+  run.logger.flush()  # a resume from this checkpoint finds every record up to it
   run.checkpointer.save(step, state, {
       "data_position": position, "metric_window": window.state(),
       "skipped_steps": window.skipped, "pending_eval": pending_eval, **run.provenance},

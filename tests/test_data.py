@@ -108,6 +108,10 @@ def test_npz_concatenates_globs_and_infers_classes(tmp_path):
     (np.zeros((4, 8, 8, 3), np.uint8), np.zeros(3, np.int32), r"labels have shape \(3,\)"),
     (np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4, np.float32), "labels have dtype float32"),
     (np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, -1, 2]), "label -1 is negative"),
+    (np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 2**32, 2]),
+     r"label 4294967296 does not fit int32 \(at most 2147483647\)"),
+    (np.zeros((4, 8, 8, 3), np.uint8), np.array([0, 1, 2**63, 2], np.uint64),
+     r"label 9223372036854775808 does not fit int32"),
 ])
 def test_npz_malformed_arrays_raise_clear_errors(tmp_path, images, labels, message):
   path = _write_npz(tmp_path / "bad.npz", images, labels)

@@ -85,7 +85,8 @@ def test_eval_only_reproduces_final_eval(digits_run, tmp_path):
   evaluated = aa_flax.train_and_evaluate(config, str(tmp_path))
   assert {k: evaluated[k] for k in ("step", "top1", "top5", "loss", "num_examples")} == \
       {k: result[k] for k in ("step", "top1", "top5", "loss", "num_examples")}
-  assert read_json(tmp_path / "eval_results.json")["top1"] == result["top1"]
+  written = read_json(tmp_path / "eval_only_results" / "step_000012_8px.json")
+  assert written["top1"] == result["top1"] and not (tmp_path / "eval_results.json").exists()
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -251,7 +252,7 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def test_unknown_model_and_dataset_and_bad_batch_size(tmp_path):
-  with pytest.raises(ConfigError, match="unknown model 'aa_resnet9'.*aa_resnet_tiny"):
+  with pytest.raises(ConfigError, match="unknown model 'aa_resnet9'; closest: aa_resnet50"):
     aa_flax.train_and_evaluate(tiny_config(**{"model.name": "aa_resnet9"}), str(tmp_path))
   with pytest.raises(ConfigError, match="position_encoding 'learned' is not one of"):
     aa_flax.train_and_evaluate(
@@ -347,10 +348,6 @@ def test_learning_rate_schedule_and_weight_decay_mask():
   assert float(schedule(50)) == pytest.approx(0.2)  # peak 0.1 x 512 / 256
   assert float(schedule(75)) == pytest.approx(0.1, rel=1e-5)  # cosine midpoint
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
-  with pytest.raises(ConfigError, match=r"warmup_epochs=5.0 \(50 steps\) is not shorter than "
-                                        r"training \(40 steps\).*never decay"):
-    optim.create_learning_rate_schedule(config, batch_size=512, steps_per_epoch=10,
-                                        total_steps=40)
   config.momentum, config.nesterov = 0.0, False
   tx = optim.create_optimizer(config, lambda _: 1.0)
   params = {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
@@ -363,3 +360,54 @@ def test_learning_rate_schedule_and_weight_decay_mask():
   with pytest.raises(ConfigError, match="Unknown config.optimizer.name='adam'.*sgd, rmsprop"):
     config.name = "adam"
     optim.create_optimizer(config, lambda _: 1.0)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"data.mean": (0.5,)}, r"config.data.mean=\(0.5,\) is set but config.data.std is not"),
+    ({"data.std": (0.2,)}, r"config.data.std=\(0.2,\) is set but config.data.mean is not"),
+    ({"data.mean": (0.5,), "data.std": (0.0,)}, r"config.data.std=\(0.0,\) .*positive"),
+    ({"data.mean": (float("nan"),), "data.std": (0.2,)}, r"config.data.mean=\(nan,\) .*finite"),
+    ({"optimizer.weight_decay": -1e-4}, r"config.optimizer.weight_decay=-0.0001 is invalid"),
+    ({"optimizer.grad_clip_norm": -1.0}, r"config.optimizer.grad_clip_norm=-1.0 is invalid"),
+    ({"optimizer.momentum": float("nan")}, r"config.optimizer.momentum=nan is invalid"),
+    ({"optimizer.momentum": float("inf")}, r"config.optimizer.momentum=inf is invalid"),
+    ({"data.prefetch": -1}, r"config.data.prefetch=-1 .*>= 0"),
+    ({"data.num_threads": -1}, r"config.data.num_threads=-1 .*>= 0"),
+])
+def test_bad_values_are_refused_in_one_line_before_anything_is_written(tmp_path, overrides,
+                                                                       match):
+  with pytest.raises(ConfigError, match=rf"^{match}[^\n]*$"):
+    aa_flax.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_unsupported_workdir_scheme_is_refused_in_one_line():
+  from aa_flax.errors import WorkdirError
+  with pytest.raises(WorkdirError, match=r"^memory://run: unsupported scheme 'memory://'; "
+                                         r"use a local path, gs://[^\n]*$"):
+    aa_flax.train_and_evaluate(tiny_config(), "memory://run")
+
+
+def test_train_py_negative_prefetch_prints_one_line_and_writes_nothing(tmp_path):
+  run = run_train_py(tmp_path / "w", "--config.data.prefetch=-1", timeout=120)
+  assert run.returncode == 1
+  lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "config.data.prefetch=-1" in lines[0], run.stderr[-2000:]
+  assert "Traceback" not in run.stderr and not (tmp_path / "w").exists()
+
+
+def test_a_smoke_run_shorter_than_the_warm_up_shortens_it_with_a_warning(caplog):
+  config = base_config().optimizer  # warm-up 5 epochs = 50 steps
+  with caplog.at_level(logging.WARNING):
+    schedule = optim.create_learning_rate_schedule(config, batch_size=512, steps_per_epoch=10,
+                                                   total_steps=5)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "\n" not in warnings[0]
+  assert "(50 steps)" in warnings[0] and "training (5 steps)" in warnings[0]
+  assert float(schedule(0)) == pytest.approx(0.2)  # no warm-up left: the peak at once
+  assert float(schedule(5)) == pytest.approx(0.0, abs=1e-7)
+  with caplog.at_level(logging.WARNING):
+    schedule = optim.create_learning_rate_schedule(config, batch_size=512, steps_per_epoch=10,
+                                                   total_steps=40)
+  assert "warming up over 4 steps" in caplog.records[-1].getMessage()
+  assert float(schedule(0)) == 0.0 and float(schedule(4)) == pytest.approx(0.2)

@@ -1,6 +1,7 @@
 """Checkpoints at another image size through the trainer: evaluation and fine-tuning."""
 
 import hashlib
+import json
 import shutil
 
 import jax
@@ -138,8 +139,26 @@ def test_train_py_evaluates_a_checkpoint_at_a_new_size_in_one_command(checkpoint
   run = run_train_py(tmp_path, "--config.eval_only=True", f"--config.data.image_size={NEW_SIZE}",
                      f"--config.checkpoint_path={checkpoint}")
   assert run.returncode == 0, run.stderr[-3000:]
-  results = read_json(tmp_path / "eval_results.json")
+  results = read_json(tmp_path / "eval_only_results" / f"step_000006_{NEW_SIZE}px.json")
   assert results["step"] == 6 and results["num_examples"] == 360
   run = run_train_py(tmp_path / "other", "--config.eval_only=True", "--config.model.width=4",
                      f"--config.checkpoint_path={checkpoint}")
   assert run.returncode == 1 and "VariableMismatchError: Checkpoint" in run.stderr
+
+
+def test_eval_only_in_a_training_workdir_keeps_the_training_result(checkpoint, tmp_path):
+  """Eval-only at another size writes its own file (step and size in its name); the training
+  run's eval_results.json, and what the report lists for the run, stay the training ones."""
+  from aa_flax import report
+  workdir = tmp_path / "trained"
+  shutil.copytree(checkpoint.parent.parent, workdir)
+  trained = (workdir / "eval_results.json").read_bytes()
+  result = aa_flax.train_and_evaluate(
+      tiny_config(num_train_steps=6, eval_only=True, data__image_size=NEW_SIZE), str(workdir))
+  assert (workdir / "eval_results.json").read_bytes() == trained
+  written = read_json(workdir / "eval_only_results" / f"step_000006_{NEW_SIZE}px.json")
+  assert {k: written[k] for k in ("step", "top1", "top5", "loss", "num_examples")} == \
+      {k: result[k] for k in ("step", "top1", "top5", "loss", "num_examples")}
+  assert written["image_size"] == [NEW_SIZE, NEW_SIZE]
+  assert written["checkpoint"] == str(workdir / "checkpoints" / "6")
+  assert report.load_run(str(workdir)).results == json.loads(trained)

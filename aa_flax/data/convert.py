@@ -4,8 +4,9 @@ Two inputs are understood:
 
 * ``cifar``: the "python version" of CIFAR-10 (``cifar-10-batches-py/``: ``data_batch_1..5``,
   ``test_batch``, ``batches.meta``) or CIFAR-100 (``cifar-100-python/``: ``train``, ``test``,
-  ``meta``; fine labels). These files are Python pickles: convert only copies you downloaded
-  from the dataset's own page.
+  ``meta``; fine labels). These files are Python pickles; they are read with an unpickler that
+  admits only what they hold (dicts, lists, bytes, str, numbers, numpy arrays), so a crafted
+  file is refused instead of running code.
 * ``folder``: an image folder with one sub-folder per class (``root/<class>/<image>``),
   classes numbered in sorted order; images are converted to RGB and, when ``size`` is given,
   resized to ``size x size`` (bilinear), otherwise they must all have the same size.
@@ -30,6 +31,14 @@ from aa_flax.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # name: (train files, test files, label key, label-names file, label-names key)
+MAX_SIZE = 4096  # --size: the largest side length accepted
+# The only globals a CIFAR pickle refers to: numpy rebuilding its arrays and scalars (old and
+# new module names), and the codec call Python 3 uses for bytes in protocol 2.
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")} | {
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
 _CIFAR_LAYOUTS = {
     "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels",
                 "batches.meta", b"label_names"),
@@ -37,10 +46,26 @@ _CIFAR_LAYOUTS = {
 }
 
 
+class _CifarUnpickler(pickle.Unpickler):
+  """Builds dicts, lists, bytes, str, numbers and numpy arrays; refuses any other global (a
+  function or class that a crafted pickle would call)."""
+
+  def __init__(self, handle, path: str):
+    super().__init__(handle, encoding="bytes")
+    self.path = path
+
+  def find_class(self, module: str, name: str):
+    if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+      raise DataError(f"{self.path}: refused to load {module}.{name}: CIFAR batches hold only "
+                      "dicts, lists, bytes, numbers and numpy arrays, so this file is not CIFAR "
+                      "data (unpickling it would call that).")
+    return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> dict:
   try:
     with open(path, "rb") as handle:
-      return pickle.load(handle, encoding="bytes")
+      return _CifarUnpickler(handle, path).load()
   except (OSError, pickle.UnpicklingError, EOFError) as error:
     raise DataError(f"{path}: cannot be read as a CIFAR batch ({type(error).__name__}: "
                     f"{error}).") from error
@@ -117,6 +142,24 @@ def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   os.replace(temporary, path)
 
 
+def _check_arguments(out_dir: str, size: int | None, name: str) -> None:
+  """Raises ``DataError`` for an output folder that is (or lies under) a file, a ``--size``
+  outside 1..``MAX_SIZE`` or a ``--name`` that is not a plain file name."""
+  existing = os.path.abspath(out_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise DataError(f"output folder {out_dir}: {existing} is a file, not a folder; give a "
+                    "folder for the .npz files.")
+  if size is not None and not 1 <= size <= MAX_SIZE:
+    raise DataError(f"--size={size} is invalid; give a side length from 1 to {MAX_SIZE} "
+                    "pixels (or leave it out to keep the images' own size).")
+  if not name or name in (".", "..") or os.path.basename(name) != name or "/" in name \
+      or "\\" in name:
+    raise DataError(f"--name={name!r} must be a plain file name (no folder, e.g. 'train'); "
+                    "the file is written into the output folder.")
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m aa_flax.data.convert",
                                    description=__doc__.split("\n\n")[0])
@@ -127,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--name", default="train", help="folder: output file name (no suffix)")
   args = parser.parse_args(argv)
   try:
+    _check_arguments(args.out_dir, args.size, args.name)
     if args.kind == "cifar":
       outputs = read_cifar_python(args.source)
     else:

@@ -276,7 +276,8 @@ def load_npz_files(spec: str, field: str = "files") -> ArraySource:
 
 
 def validate_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
-  """Checks ``images`` uint8 [N, H, W, C] (N, H, W, C >= 1) and ``labels`` integer [N] >= 0."""
+  """Checks ``images`` uint8 [N, H, W, C] (N, H, W, C >= 1) and ``labels`` integer [N] in
+  [0, 2**31 - 1] (they are stored as int32)."""
   if images.dtype != np.uint8:
     raise DataError(f"{where}: images have dtype {images.dtype}; expected uint8 (0..255). "
                     "Convert with np.clip(x * 255, 0, 255).astype(np.uint8) if they are 0..1 "
@@ -295,6 +296,10 @@ def validate_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
   if labels.min() < 0:
     raise DataError(f"{where}: label {int(labels.min())} is negative; labels must be in "
                     "[0, num_classes).")
+  limit = np.iinfo(np.int32).max  # labels are stored as int32
+  if int(labels.max()) > limit:
+    raise DataError(f"{where}: label {int(labels.max())} does not fit int32 (at most {limit}); "
+                    "labels must be in [0, num_classes).")
 
 
 def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:

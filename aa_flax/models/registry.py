@@ -135,7 +135,11 @@ def attention_options() -> dict[str, type]:
 def model_spec(name: str) -> tuple[type, dict[str, Any]]:
   """The model class and its registered keyword arguments (a copy)."""
   if name not in _REGISTRY:
-    raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    import difflib
+    names = list_models()
+    closest = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5)
+    raise ValueError(f"unknown model {name!r}; closest: {', '.join(closest) or 'none'} (all "
+                     f"{len(names)}: aa_flax.models.list_models())")
   cls, kwargs = _REGISTRY[name]
   return cls, dict(kwargs)
 
