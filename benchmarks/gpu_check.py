@@ -30,7 +30,6 @@ compilation.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -237,7 +236,7 @@ class StepRunner:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.argument_parser(__doc__, None)
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU check")
   parser.add_argument("--out-dir", default=None)
   parser.add_argument("--dry-run", action="store_true", help="print the plan only")
