@@ -68,11 +68,12 @@ class SyntheticTraining:
 
 def synthetic_training(model_name: str, batch: int, image_size: int, dtype: str,
                        num_classes: int = 1000, overrides: Optional[dict] = None,
-                       check_finite: bool = True, seed: int = 0) -> SyntheticTraining:
-  """Builds ``train.py``'s step for ``model_name`` on all local devices (base config:
-  optimizer, schedule, label smoothing, non-finite policy), its initial state and a random
-  uint8 batch, all on the devices."""
-  devices = jax.local_devices()
+                       check_finite: bool = True, seed: int = 0,
+                       devices: Optional[list] = None) -> SyntheticTraining:
+  """Builds ``train.py``'s step for ``model_name`` over ``devices`` (default: all local ones;
+  base config: optimizer, schedule, label smoothing, non-finite policy), its initial state and
+  a random uint8 batch, all on the devices."""
+  devices = jax.local_devices() if devices is None else devices
   if batch % len(devices):
     raise ValueError(f"batch {batch} is not divisible by the {len(devices)} local devices")
   config = config_utils.base_config()

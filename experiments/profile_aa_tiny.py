@@ -46,11 +46,11 @@ COLUMNS = ("dtype", "model", "gflops", "gb_accessed", "attention_mib", "full_siz
 def build(model_name: str, dtype, batch: int, image_size: int):
   """The model, its compiled train step and the step's arguments ``(state, batch)``.
 
-  The step is ``train.py``'s (``benchmarks.bench_train.synthetic_training``), jitted without
-  donation so that the same arguments can be replayed.
+  The step is ``train.py``'s (``benchmarks.bench_train.synthetic_training``) on one device,
+  jitted without donation so that the same arguments can be replayed.
   """
   setup = synthetic_training(model_name, batch, image_size, dtype, num_classes=10,
-                             overrides={"width": 16})
+                             overrides={"width": 16}, devices=jax.local_devices()[:1])
   args = (setup.state, setup.batch)
   return setup.model, jax.jit(setup.train_step).lower(*args).compile(), args
 
