@@ -33,7 +33,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from aa_flax import config_utils, optim, parallel, trainer
 from aa_flax.models import create_model

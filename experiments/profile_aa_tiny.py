@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from aa_flax.models import create_model
 from benchmarks import common
 from benchmarks.bench_train import synthetic_training
 
