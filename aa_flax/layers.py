@@ -5,9 +5,11 @@ Shapes use B batch, H x W spatial size, C channels; feature maps are ``[B, H, W,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Optional, Sequence, Union
+import re
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -120,6 +122,15 @@ def attention_depths(features: int, key_ratio: float, value_ratio: float, num_he
   return AttentionDepths(key=key, value=value, num_heads=num_heads)
 
 
+def attention_layer_shape(q_shape, v_shape, *, relative: bool, dtype) -> dict[str, Any]:
+  """What ``attention_impl="auto"`` decides on (``aa_flax.kernels.auto_impl``): the attention
+  ``length`` H*W, the per-head ``depth`` the fused kernels see and the ``dtype``, for q
+  ``[B, N, H, W, d_k^h]`` and v ``[B, N, H, W, d_v^h]``."""
+  _, _, height, width, key_depth = q_shape
+  depth = key_depth + (height + width if relative else 0)
+  return {"length": height * width, "depth": max(depth, v_shape[-1]), "dtype": dtype}
+
+
 def avg_pool_same(x: jax.Array, window: int, stride: int) -> jax.Array:
   """Average pool of ``[B, H, W, C]`` with SAME padding (padding excluded from the mean).
 
@@ -153,8 +164,8 @@ class AAConv(nn.Module):
 
   ``key_ratio = value_ratio = 1`` gives the fully attentional layer (no conv branch).
   ``attention_impl`` picks how attention runs (one of ``aa_flax.kernels.ATTENTION_IMPLS``;
-  ``"auto"`` is the best path of the backend, see ``aa_flax.kernels``); all give the same
-  outputs and gradients. The attention weights ``[B, N_h, H'W', H'W']`` are sown into the
+  ``"auto"`` picks per layer from its attention size, see ``aa_flax.kernels.auto_impl``); all
+  give the same outputs and gradients. The attention weights ``[B, N_h, H'W', H'W']`` are sown into the
   ``intermediates`` collection as ``attention_weights`` (stored only when that collection is
   mutable).
   """
@@ -269,7 +280,8 @@ class AAConv(nn.Module):
 
     The weights are computed (and sown) only when ``intermediates`` is mutable.
     """
-    attend = kernels.attention_fn(self.attention_impl, self.remat)
+    attend = kernels.attention_fn(self.attention_impl, self.remat, **attention_layer_shape(
+        q.shape, v.shape, relative=rel_h is not None, dtype=q.dtype))
     want_weights = self.is_mutable_collection("intermediates")
     result = attend(q, k, v, rel_h, rel_w, relative_method=self.relative_method,
                     return_weights=want_weights)
@@ -278,6 +290,48 @@ class AAConv(nn.Module):
     out, weights = result
     self.sow("intermediates", "attention_weights", weights)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPath:
+  """Which implementation one AAConv's attention runs: module ``path`` ("stage2_block1/conv2"),
+  the map ``size`` attention sees ("14x14") and ``impl`` ("auto" resolved)."""
+  path: str
+  size: str
+  impl: str
+
+
+@contextlib.contextmanager
+def recorded_attention_paths() -> Iterator[list[AttentionPath]]:
+  """Yields a list that fills with an :class:`AttentionPath` for every AAConv attention traced
+  inside the block (e.g. under ``jax.eval_shape(model.init, ...)``), in call order."""
+  paths: list[AttentionPath] = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, AAConv) and context.method_name == "_attend":
+      q, _, v, rel_h, _ = args
+      impl = kernels.resolve_impl(context.module.attention_impl, **attention_layer_shape(
+          q.shape, v.shape, relative=rel_h is not None, dtype=q.dtype))
+      paths.append(AttentionPath("/".join(context.module.scope.path),
+                                 f"{q.shape[2]}x{q.shape[3]}", impl))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    yield paths
+
+
+def attention_paths_by_stage(paths: Sequence[AttentionPath]) -> str:
+  """One line: per stage (the top-level module, ``_blockN`` dropped), each distinct map size
+  and implementation with its layer count, e.g. ``"stage3: 14x14 pallas_tpu x6; stage4: 7x7
+  xla x3"``."""
+  stages: dict[str, dict[tuple[str, str], int]] = {}
+  for p in paths:
+    stage = re.sub(r"_block\d+$", "", p.path.split("/")[0])
+    counts = stages.setdefault(stage, {})
+    counts[(p.size, p.impl)] = counts.get((p.size, p.impl), 0) + 1
+  return "; ".join(f"{stage}: " + ", ".join(f"{size} {impl} x{count}"
+                                             for (size, impl), count in counts.items())
+                   for stage, counts in stages.items())
 
 
 class SqueezeExcite(nn.Module):

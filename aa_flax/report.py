@@ -353,7 +353,7 @@ def project_section(runs: Sequence[Run]) -> list[str]:
   if not runs:
     return ["", "No project runs were given. The project's CIFAR-10 comparison of a small "
             "ResNet with and without attention augmentation is trained, recorded under "
-            "`docs/runs/` and reported here by `python -m benchmarks.cifar10_evidence`."]
+            "`docs/runs/` and reported here by `python -m experiments.cifar10_evidence`."]
   groups = group_runs(runs)
   lines = ["", "| model | data | runs | test top-1 (%) mean ± sd (range) | test top-5 (%) | "
            "wall time per run |", "|---" * 6 + "|"]

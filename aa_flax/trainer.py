@@ -26,6 +26,7 @@ from etils import epath
 
 from aa_flax import config_utils, optim, parallel, resolution, storage
 from aa_flax.errors import ConfigError, NonFiniteError, VariableMismatchError, WorkdirError
+from aa_flax.layers import attention_paths_by_stage, recorded_attention_paths
 from aa_flax.metrics import num_elements
 from aa_flax.preemption import PreemptionWatcher
 from aa_flax.progress import Progress, hms
@@ -71,13 +72,16 @@ def _global_norm(tree) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     learning_rate: optax.Schedule, *, mean, std, dtype, label_smoothing: float,
-                    seed: int, skip_nonfinite: bool) -> Callable:
+                    seed: int, skip_nonfinite: bool, check_finite: bool = True) -> Callable:
   """``(state, batch) -> (state, metrics)`` for a batch ``{'image': uint8 [B,H,W,C],
   'label': int32 [B]}``. Metrics (f32 scalars): loss, accuracy, learning_rate, grad_norm,
   finite (1 if the loss, the gradients and everything a checkpoint saves after the update
   -- params, BN statistics, optimizer state -- are finite) and finite_update (1 if that
   updated state is). With ``skip_nonfinite`` a non-finite step leaves params, BN statistics
-  and optimizer state unchanged (the step counter advances)."""
+  and optimizer state unchanged (the step counter advances). ``check_finite=False`` drops the
+  finiteness checks and both metrics (benchmarks use it to show what the checks cost)."""
+  if skip_nonfinite and not check_finite:
+    raise ValueError("skip_nonfinite=True needs check_finite=True")
   dropout_root = jax.random.key(seed + 1)
 
   def train_step(state: TrainState, batch):
@@ -99,6 +103,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+        "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
+        "grad_norm": _global_norm(grads),
+    }
+    if not check_finite:
+      return new_state, metrics
     finite_update = _all_finite((new_state.params, new_state.batch_stats, new_state.opt_state))
     finite = jnp.isfinite(loss) & _all_finite(grads) & finite_update
     if skip_nonfinite:
@@ -106,17 +118,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                           (new_state.params, new_state.batch_stats, new_state.opt_state),
                           (state.params, state.batch_stats, state.opt_state))
       new_state = new_state.replace(params=kept[0], batch_stats=kept[1], opt_state=kept[2])
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-        "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
-        "grad_norm": _global_norm(grads),
-        "finite": finite.astype(jnp.float32),
-        "finite_update": finite_update.astype(jnp.float32),
-    }
+    metrics["finite"] = finite.astype(jnp.float32)
+    metrics["finite_update"] = finite_update.astype(jnp.float32)
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(train_step: Callable, state_sharding, mesh) -> Callable:
+  """``train_step`` jitted as a run uses it: the state in ``state_sharding`` and donated, the
+  batch sharded on the mesh's ``data`` axis, the metrics replicated."""
+  return jax.jit(train_step, in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(model: nn.Module, *, mean, std, dtype) -> Callable:
@@ -400,16 +413,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   init_key = jax.random.key(config.seed)
   try:
-    abstract_state = jax.eval_shape(init_state, init_key)
+    with recorded_attention_paths() as attention_paths:
+      abstract_state = jax.eval_shape(init_state, init_key)
   except ValueError as error:  # settings the model only checks when it sees the images
     raise ConfigError(f"config.model (name={config.model.name!r}, settings="
                       f"{config_utils.model_overrides(config.model)}) at image shape "
                       f"{pipeline.image_shape}: {error}") from error
   epochs = total_steps / pipeline.steps_per_epoch
   progress.line("Model %s: %.2fM parameters; %d steps of global batch %d (%.3g epoch%s) on %d "
-                "device(s).", model_name, num_elements(abstract_state.params) / 1e6,
+                "device(s)%s.", model_name, num_elements(abstract_state.params) / 1e6,
                 total_steps, config.batch_size, epochs, "" if epochs == 1 else "s",
-                jax.device_count())
+                jax.device_count(), f"; attention path per stage: "
+                f"{attention_paths_by_stage(attention_paths)}" if attention_paths else "")
   state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state)
   abstract_state = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -453,12 +468,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config_dict = config_utils.config_to_dict(config)
       if is_main:
         storage.write_json(workdir / CONFIG_FILE, config_dict)
-      train_step = jax.jit(
+      train_step = jit_train_step(
           make_train_step(model, tx, learning_rate, label_smoothing=config.label_smoothing,
                           seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
                           **norm),
-          in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-          out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
+          state_sharding, mesh)
       logger = MetricLogger(workdir, enabled=is_main, resume_step=start_step)
       # A run resumed at the last step redoes its final eval, so that eval's record goes too.
       logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)

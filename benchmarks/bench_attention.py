@@ -31,6 +31,10 @@ the compiled temporary / peak memory of both (``compiled.memory_analysis()``); `
 takes a list. With several sizes it also reports how each method's forward+backward temporary
 memory grows with HW (the exponent e in memory ∝ HW^e between consecutive sizes).
 
+``--interleave`` compiles a case's methods first, then times them in alternation for ``--reps``
+rounds and counts the rounds each was fastest in: how the default relative form was chosen
+(``--methods gather,skew --interleave --reps 20``).
+
 Example (CPU, compiled memory only, the tables in docs/PERFORMANCE.md):
   python -m benchmarks.bench_attention --sizes 14,28,56 --batch 2,8 --dtypes float32 \
       --methods plain,gather,fused,cudnn,pallas_tpu --memory-only --name memory_paths_cpu
@@ -38,9 +42,9 @@ Example (CPU, compiled memory only, the tables in docs/PERFORMANCE.md):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+import statistics
 import time
 from typing import Callable, Optional
 
@@ -146,9 +150,9 @@ def make_inputs(case: Case, batch: int, dtype, seed: int = 0):
   return (q, k, v, rel_h, rel_w), cotangent
 
 
-def measure(case: Case, method: str, batch: int, dtype, reps: int,
-            time_it: bool = True) -> dict:
-  """Times and memory of one (case, method, dtype); times in ms, memory in MiB."""
+def compile_method(case: Case, method: str, batch: int, dtype):
+  """Compiles one (case, method, dtype): ``(row without times, forward(), train())``, where
+  the two calls run the compiled forward / forward+backward and block on the result."""
   fn, uses_tables = attention_function(method)
   args, cotangent = make_inputs(case, batch, dtype)
   argnums = (0, 1, 2, 3, 4) if uses_tables else (0, 1, 2)
@@ -177,12 +181,45 @@ def measure(case: Case, method: str, batch: int, dtype, reps: int,
       "fwd_bwd_peak_mib": train_mem["peak_mib"], "compile_s": compile_s,
       "fwd_ms": None, "fwd_bwd_ms": None,
   }
+  return (row, lambda: jax.block_until_ready(forward(*args)),
+          lambda: jax.block_until_ready(train(*args)))
+
+
+def measure(case: Case, method: str, batch: int, dtype, reps: int,
+            time_it: bool = True) -> dict:
+  """Times and memory of one (case, method, dtype); times in ms, memory in MiB."""
+  row, forward, train = compile_method(case, method, batch, dtype)
   if time_it:
-    row["fwd_ms"] = 1e3 * common.median_seconds(
-        lambda: jax.block_until_ready(forward(*args)), reps)
-    row["fwd_bwd_ms"] = 1e3 * common.median_seconds(
-        lambda: jax.block_until_ready(train(*args)), reps)
+    row["fwd_ms"] = 1e3 * common.median_seconds(forward, reps)
+    row["fwd_bwd_ms"] = 1e3 * common.median_seconds(train, reps)
   return row
+
+
+def interleaved(case: Case, methods, batch: int, dtype, rounds: int) -> tuple[list[dict], dict]:
+  """Times ``methods`` on one case in alternation (method 1, 2, ..., 1, 2, ... for ``rounds``
+  rounds, after one warm-up call each), so load from other processes hits them alike.
+
+  Returns the rows (median times) and ``{method: rounds in which its fwd+bwd was fastest}``.
+  """
+  compiled = [compile_method(case, method, batch, dtype) for method in methods]
+  times = {row["method"]: ([], []) for row, _, _ in compiled}
+  for _, forward, train in compiled:
+    forward(), train()
+  for _ in range(rounds):
+    for row, forward, train in compiled:
+      for call, record in zip((forward, train), times[row["method"]]):
+        start = time.perf_counter()
+        call()
+        record.append(time.perf_counter() - start)
+  fastest = {method: 0 for method in times}
+  for index in range(rounds):
+    fastest[min(times, key=lambda m: times[m][1][index])] += 1
+  rows = []
+  for row, _, _ in compiled:
+    forward_s, train_s = times[row["method"]]
+    rows.append({**row, "fwd_ms": 1e3 * statistics.median(forward_s),
+                 "fwd_bwd_ms": 1e3 * statistics.median(train_s)})
+  return rows, fastest
 
 
 def relative_overheads(rows: list[dict]) -> list[dict]:
@@ -235,33 +272,51 @@ def suite_totals(rows: list[dict]) -> list[dict]:
 def run(suite: str = "sizes", sizes=(7, 14, 28, 56), batches=(8,),
         dtypes=("float32", "bfloat16"), methods=METHODS, naive_max_hw: int = 196,
         fused_max_hw: Optional[int] = None, reps: int = 5, time_it: bool = True,
-        name: str = "bench_attention", out_dir: str = common.RESULTS_DIR) -> list[dict]:
-  """Measures every (batch, case, dtype, method); saves and prints; returns the rows."""
+        name: str = "bench_attention", out_dir: str = common.RESULTS_DIR,
+        interleave: bool = False) -> list[dict]:
+  """Measures every (batch, case, dtype, method); saves and prints; returns the rows.
+
+  ``interleave``: time each case's methods in alternation for ``reps`` rounds (see
+  :func:`interleaved`), for comparing close methods on a loaded machine.
+  """
   env = common.environment()
-  rows, failures = [], []
+  rows, failures, fastest_rounds = [], [], []
+
+  def attempt(what: dict, measure_fn):
+    try:
+      return measure_fn()
+    except Exception as e:  # pylint: disable=broad-except
+      # One failing method (out of memory, a backend that rejects a shape) must not lose the
+      # others' numbers: record it and go on.
+      failures.append({**what, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+      print("FAILED", failures[-1], flush=True)
+      return None
+
   for batch in batches:
     for case in suite_cases(suite, sizes):
       length = case.height * case.width
       for dtype in dtypes:
-        for method in methods:
-          if method == "naive" and length > naive_max_hw:
-            continue
-          if (method.startswith("fused") and fused_max_hw is not None
-              and length > fused_max_hw):
-            continue
-          try:
-            rows.append(measure(case, method, batch, jnp.dtype(dtype), reps, time_it))
-          except Exception as e:  # pylint: disable=broad-except
-            # One failing method (out of memory, a backend that rejects a shape) must not
-            # lose the others' numbers: record it and go on.
-            failures.append({"case": case.name, "method": method, "dtype": dtype,
-                             "batch": batch, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            print("FAILED", failures[-1], flush=True)
-            continue
-          print({k: rows[-1][k] for k in ("case", "method", "dtype", "batch", "fwd_ms",
-                                          "fwd_bwd_ms", "fwd_bwd_temp_mib")}, flush=True)
+        selected = [m for m in methods
+                    if not (m == "naive" and length > naive_max_hw)
+                    and not (m.startswith("fused") and fused_max_hw is not None
+                             and length > fused_max_hw)]
+        what = {"case": case.name, "dtype": dtype, "batch": batch}
+        if interleave and time_it:
+          result = attempt({**what, "method": ",".join(selected)}, lambda: interleaved(
+              case, selected, batch, jnp.dtype(dtype), reps))
+          if result is not None:
+            rows.extend(result[0])
+            fastest_rounds.append({**what, "rounds": reps, **result[1]})
+          continue
+        for method in selected:
+          row = attempt({**what, "method": method}, lambda: measure(
+              case, method, batch, jnp.dtype(dtype), reps, time_it))
+          if row is not None:
+            rows.append(row)
+            print({k: row[k] for k in ("case", "method", "dtype", "batch", "fwd_ms",
+                                       "fwd_bwd_ms", "fwd_bwd_temp_mib")}, flush=True)
   extra = {"relative_vs_plain": relative_overheads(rows), "memory_growth": memory_growth(rows),
-           "failures": failures}
+           "failures": failures, "fastest_rounds": fastest_rounds}
   if suite == "aa_resnet50":
     extra["totals"] = suite_totals(rows)
   common.save_results(name, rows, COLUMNS, env, out_dir, extra)
@@ -272,6 +327,9 @@ def run(suite: str = "sizes", sizes=(7, 14, 28, 56), batches=(8,),
     print("\nfwd+bwd temp memory ∝ HW^exponent:")
     print(common.markdown_table(extra["memory_growth"],
                                 ("method", "dtype", "batch", "from", "to", "exponent")))
+  if fastest_rounds:
+    print("\nrounds in which each method's fwd+bwd was the fastest:")
+    print(common.markdown_table(fastest_rounds, list(fastest_rounds[0])))
   if failures:
     print("\nfailed:")
     print(common.markdown_table(failures, ("case", "method", "dtype", "error")))
@@ -283,7 +341,7 @@ def run(suite: str = "sizes", sizes=(7, 14, 28, 56), batches=(8,),
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.argument_parser(__doc__, "bench_attention")
   parser.add_argument("--suite", default="sizes", choices=SUITES)
   parser.add_argument("--sizes", default="7,14,28,56",
                       help="square feature sizes; the 'sizes' suite takes "
@@ -293,10 +351,10 @@ def main(argv=None):
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--naive-max-hw", type=int, default=196)
   parser.add_argument("--fused-max-hw", type=int, default=None)
-  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--reps", type=int, default=5, help="timed calls (rounds with --interleave)")
   parser.add_argument("--memory-only", action="store_true", help="compile, do not time")
-  parser.add_argument("--name", default="bench_attention")
-  parser.add_argument("--out-dir", default=common.RESULTS_DIR)
+  parser.add_argument("--interleave", action="store_true",
+                      help="time each case's methods in alternation (fair on a loaded machine)")
   args = parser.parse_args(argv)
   sizes = tuple(int(s) for s in args.sizes.split(","))
   bad = [s for s in sizes if s not in RESNET50_FILTERS]
@@ -309,7 +367,7 @@ def main(argv=None):
   batches = tuple(int(b) for b in args.batch.split(","))
   run(args.suite, sizes, batches, tuple(args.dtypes.split(",")), methods,
       args.naive_max_hw, args.fused_max_hw, args.reps, not args.memory_only, args.name,
-      args.out_dir)
+      args.out_dir, args.interleave)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Example (any workdir, also ``gs://bucket/dir``):
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
@@ -97,12 +96,10 @@ def run(workdir: str, reps: int, state=None) -> list[dict]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.argument_parser(__doc__, "checkpoint_digest")
   parser.add_argument("--workdir", default=None,
                       help="where to write the checkpoints (default: a temporary directory)")
   parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--name", default="checkpoint_digest")
-  parser.add_argument("--out_dir", default=common.RESULTS_DIR)
   args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as scratch:
     rows = run(args.workdir or scratch, args.reps)

@@ -25,7 +25,6 @@ Examples (the numbers in docs/PERFORMANCE.md; run on an otherwise idle machine):
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -225,7 +224,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.argument_parser(__doc__, "bench_input")
   parser.add_argument("--images", type=int, default=512, help="JPEGs in each split")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--image-size", type=int, default=224)
@@ -236,8 +235,6 @@ def main(argv=None):
   parser.add_argument("--sizes", default=",".join(f"{h}x{w}" for h, w in
                                                   input_data.IMAGENET_SIZES),
                       help="JPEG sizes HxW, cycled (the npz holds the first size only)")
-  parser.add_argument("--name", default="bench_input")
-  parser.add_argument("--out-dir", default=common.RESULTS_DIR)
   args = parser.parse_args(argv)
   as_ints = lambda text: tuple(int(x) for x in text.split(",") if x)  # noqa: E731
   sizes = tuple(tuple(int(x) for x in size.split("x")) for size in args.sizes.split(","))

@@ -1,12 +1,15 @@
 """Shared helpers of the benchmarks: environment, timing, compiled memory, result files.
 
-Benchmarks print and save; they never assert. Results go to ``benchmarks/results/`` (git
-ignored) as ``<name>.json`` (machine readable, with the environment and the command) and
-``<name>.md`` (the table that docs/PERFORMANCE.md quotes).
+Benchmarks and experiments print and save; they never assert. Results go to
+``benchmarks/results/`` (git ignored) as ``<name>.json`` (machine readable, with the
+environment and the command) and ``<name>.md`` (the table that docs/PERFORMANCE.md quotes).
+Every script builds its command line on :func:`argument_parser` (``--name``, ``--out-dir``).
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import datetime
 import json
 import os
@@ -20,6 +23,35 @@ import jax
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MIB = 2.0 ** 20
+
+
+def argument_parser(doc: str, name: str | None) -> argparse.ArgumentParser:
+  """A parser described by the first line of ``doc``; for a script that saves results
+  (``name`` given) with the options they share: ``--name`` (results file name, default
+  ``name``) and ``--out-dir`` (default :data:`RESULTS_DIR`)."""
+  parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+  if name is not None:
+    parser.add_argument("--name", default=name, help="results file name (.json and .md)")
+    parser.add_argument("--out-dir", default=RESULTS_DIR, help="where results are written")
+  return parser
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+  """``name=value`` -> ``(name, value)``; value parsed as a Python literal, else a string."""
+  if "=" not in text:
+    raise ValueError(f"override {text!r} is not of the form name=value")
+  name, raw = text.split("=", 1)
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  return name.strip(), value
+
+
+def add_override_argument(parser: argparse.ArgumentParser, flag: str = "--override",
+                          help_text: str = "name=value passed to create_model (repeatable)"):
+  """A repeatable ``name=value`` option parsed by :func:`parse_override` into a list of pairs."""
+  parser.add_argument(flag, action="append", type=parse_override, default=[], help=help_text)
 
 
 def environment() -> dict[str, Any]:

@@ -1,7 +1,11 @@
 """One-GPU performance check, in one run of under 8 minutes (needs only jax, flax, optax, numpy).
 
-Steps, in this order, each in its own process with its own time limit, so a slow or
-out-of-memory step can neither starve nor take down the others:
+Every train measurement is ``benchmarks.bench_train``: the train step ``train.py`` runs
+(``aa_flax.trainer.make_train_step`` with its input normalisation and finiteness checks,
+jitted with the run's donation and shardings) on a synthetic batch already on the device, so
+AA-ResNet-50 / ResNet-50 below is the ratio of that step's img/s. Steps, in this order, each in
+its own process with its own time limit, so a slow or out-of-memory step can neither starve
+nor take down the others:
 
 1. ``plain``: ResNet-50 train img/s (bf16, batch 256, 224 px): the reference;
 2. ``aa_xla``: AA-ResNet-50 with ``attention_impl="xla"``, same settings;
@@ -30,7 +34,6 @@ compilation.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -237,7 +240,7 @@ class StepRunner:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.argument_parser(__doc__, None)
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a CPU check")
   parser.add_argument("--out-dir", default=None)
   parser.add_argument("--dry-run", action="store_true", help="print the plan only")

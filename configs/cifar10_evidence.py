@@ -9,7 +9,7 @@ Data: npz files (``images`` uint8 NHWC, ``labels``) of CIFAR-10:
     --config.data.train_files='<dir>/cifar10_train_part*.npz' \\
     --config.data.eval_files=<dir>/cifar10_test.npz
 Every run of the comparison, the report and its figures: ``python -m
-benchmarks.cifar10_evidence`` (it sets the subset, epochs and seeds; see its docstring).
+experiments.cifar10_evidence`` (it sets the subset, epochs and seeds; see its docstring).
 
 Recipe: batch 128, f32, SGD with Nesterov momentum 0.9, LR 0.1 (0.2 per 256) after a
 half-epoch linear warm-up, cosine decay, weight decay 5e-4 on kernels, pad-4 crops and flips.

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aa_flax import attention
-from benchmarks import bench_attention, bench_checkpoint, bench_input, bench_train, gpu_check
+from aa_flax import attention, trainer
+from benchmarks import (bench_attention, bench_checkpoint, bench_input, bench_train, common,
+                        gpu_check)
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -49,18 +50,57 @@ def test_bench_train_step_runs_on_all_devices():
                             steps=1, warmup=1, num_classes=3)
   assert row["devices"].startswith(f"{jax.local_device_count()}x")
   assert np.isfinite(row["loss"]) and row["img_per_s"] > 0 and row["params_m"] > 0
+  assert row["finite_checks"] == "on"
   with pytest.raises(ValueError, match="batch 3 is not divisible"):
     bench_train.measure("aa_resnet_tiny", batch=3, image_size=8, dtype="float32", steps=1,
                         warmup=0, num_classes=3)
 
 
-def test_parse_override():
-  assert bench_train.parse_override("attention_stages=(0,1,2,3)") == (
+def test_bench_train_times_the_step_train_py_runs():
+  """The trainer's step (uint8 input normalised in the step, finiteness metrics), jitted with
+  its donation; ``check_finite=False`` drops the checks and their metrics."""
+  setup = bench_train.synthetic_training("resnet_tiny", batch=8, image_size=8, dtype="float32",
+                                         num_classes=3)
+  assert setup.batch["image"].dtype == jnp.uint8
+  lowered = setup.jitted().lower(setup.state, setup.batch)
+  assert "tf.aliasing_output" in lowered.as_text()  # the state is donated
+  state, metrics = lowered.compile()(setup.state, setup.batch)
+  assert set(metrics) == {"loss", "accuracy", "learning_rate", "grad_norm", "finite",
+                          "finite_update"} and metrics["finite"] == 1 and state.step == 1
+  unchecked = bench_train.synthetic_training("resnet_tiny", batch=8, image_size=8,
+                                             dtype="float32", num_classes=3,
+                                             check_finite=False)
+  _, metrics = jax.jit(unchecked.train_step)(unchecked.state, unchecked.batch)
+  assert set(metrics) == {"loss", "accuracy", "learning_rate", "grad_norm"}
+  with pytest.raises(ValueError, match="skip_nonfinite=True needs check_finite=True"):
+    trainer.make_train_step(setup.model, None, None, mean=0, std=1, dtype=jnp.float32,
+                            label_smoothing=0.0, seed=0, skip_nonfinite=True,
+                            check_finite=False)
+
+
+def test_parse_override_and_the_shared_parser():
+  assert common.parse_override("attention_stages=(0,1,2,3)") == (
       "attention_stages", (0, 1, 2, 3))
-  assert bench_train.parse_override("attention_impl=pallas") == ("attention_impl", "pallas")
-  assert bench_train.parse_override("attention_pool_stages=()") == ("attention_pool_stages", ())
+  assert common.parse_override("attention_impl=pallas") == ("attention_impl", "pallas")
+  assert common.parse_override("attention_pool_stages=()") == ("attention_pool_stages", ())
   with pytest.raises(ValueError, match="name=value"):
-    bench_train.parse_override("pallas")
+    common.parse_override("pallas")
+  parser = common.argument_parser("Times things.\n\nMore.", "things")
+  common.add_override_argument(parser)
+  args = parser.parse_args(["--override", "width=8", "--override", "attention_impl=auto"])
+  assert (parser.description, args.name, args.out_dir) == ("Times things.", "things",
+                                                          common.RESULTS_DIR)
+  assert args.override == [("width", 8), ("attention_impl", "auto")]
+
+
+def test_bench_attention_interleaves_methods(tmp_path):
+  rows = bench_attention.run("sizes", sizes=(7,), batches=(1,), dtypes=("float32",),
+                             methods=("gather", "skew"), reps=2, name="forms",
+                             out_dir=str(tmp_path), interleave=True)
+  assert [r["method"] for r in rows] == ["gather", "skew"]
+  assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in rows)
+  (fastest,) = json.loads((tmp_path / "forms.json").read_text())["extra"]["fastest_rounds"]
+  assert fastest["rounds"] == 2 and fastest["gather"] + fastest["skew"] == 2
 
 
 def test_gpu_check_plan_fits_eight_minutes_in_the_required_order():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import resolution_probe, resolution_transfer
+from experiments import resolution_probe, resolution_transfer
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from aa_flax import trainer
 from aa_flax.config_utils import base_config, flatten, load_config
-from benchmarks import cifar10_evidence
+from experiments import cifar10_evidence
 from train_helpers import SHARED_DATA
 
 

@@ -4,6 +4,9 @@ The fused Triton kernel runs in Pallas interpret mode and the Pallas TPU path in
 mode on CPU; both are also lowered for their accelerator (no accelerator needed).
 """
 
+import logging
+import re
+
 import jax
 import jax.extend.core
 import jax.numpy as jnp
@@ -11,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from aa_flax import attention, kernels
-from aa_flax.kernels import augmented_attention, relative_attention, tpu_attention
+from aa_flax import attention, kernels, layers, parallel, trainer
+from aa_flax.kernels import augmented_attention, notices, relative_attention, tpu_attention
 from aa_flax.layers import AAConv
 from aa_flax.models import create_model
 
@@ -294,3 +297,143 @@ def test_aa_resnet_tiny_train_step_on_tpu_path_equals_xla():
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1:]),
                           jax.tree.leaves(want[1:])):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------ what "auto" picks per layer
+
+# AA-ResNet-50's attention maps (d_k^h = 20) and the depth the fused kernels see there.
+RESNET50_MAPS = {size: (size * size, 20 + 2 * size) for size in (7, 14, 28, 56)}
+
+
+@pytest.mark.parametrize("backend,dtype,expected", [
+    ("tpu", jnp.bfloat16, ["xla", "pallas_tpu", "pallas_tpu", "pallas_tpu"]),
+    ("tpu", jnp.float32, ["xla", "pallas_tpu", "pallas_tpu", "pallas_tpu"]),
+    # 56x56: depth 20 + 112 = 132, over what cuDNN runs on every GPU (128): the Triton kernel.
+    ("gpu", jnp.bfloat16, ["xla", "cudnn", "cudnn", "pallas"]),
+    ("gpu", jnp.float32, ["xla", "pallas", "pallas", "pallas"]),
+    ("cpu", jnp.bfloat16, ["xla"] * 4),
+])
+def test_auto_picks_per_layer_at_7_14_28_and_56(backend, dtype, expected):
+  assert [kernels.auto_impl(backend, length, depth, dtype)
+          for length, depth in RESNET50_MAPS.values()] == expected
+
+
+def test_crossover_is_where_the_byte_model_turns():
+  """The crossover lengths follow from the byte model: from them on the fused path moves no
+  more bytes than the XLA path, one position shorter it moves more."""
+  assert kernels.CROSSOVER_LENGTH == {"tpu": 182, "gpu": 160}
+  for backend, length in kernels.CROSSOVER_LENGTH.items():
+    fused = lambda n: kernels.fused_bytes(backend, n, kernels.REFERENCE_DEPTH)  # noqa: E731
+    assert fused(length - 1) > kernels.xla_bytes(length - 1)
+    assert all(fused(n) <= kernels.xla_bytes(n) for n in range(length, 64 * 64 + 1))
+    assert kernels.auto_impl(backend, length - 1, 40, jnp.bfloat16) == "xla"
+    assert kernels.auto_impl(backend, length, 40, jnp.bfloat16) != "xla"
+  # TPU padding waste: 49 positions fill 128-row blocks of 128-lane depth.
+  assert kernels.fused_bytes("tpu", 49, 34) == (6 + 12) * 128 * 128 * 2
+  assert kernels.xla_bytes(49) == 12 * 4 * 49 * 49
+
+
+def test_auto_resolves_per_layer_in_aa_resnet50_on_tpu(monkeypatch):
+  """Traced as on a TPU host: the 14x14 layers take the fused path, the 7x7 ones XLA."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  model = create_model("aa_resnet50", 10, dtype=jnp.bfloat16, attention_impl="auto")
+  with layers.recorded_attention_paths() as paths:
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)),
+                                      train=False))
+  assert layers.attention_paths_by_stage(paths) == (
+      "stage2: 14x14 pallas_tpu x4; stage3: 14x14 pallas_tpu x6; stage4: 7x7 xla x3")
+
+
+# ------------------------------------------------------------------ saying what runs
+
+
+@pytest.fixture
+def notices_log(caplog):
+  """Warnings logged through absl, with the once-per-process memory cleared before and after."""
+  notices.say_once.cache_clear()
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    yield caplog
+  notices.say_once.cache_clear()
+
+
+def test_interpret_mode_on_cpu_is_said_once(notices_log):
+  args = random_inputs(3, height=2, width=3)
+  for impl in ("pallas", "pallas", "pallas_tpu", "pallas_tpu"):
+    jax.eval_shape(kernels.attention_fn(impl), *args)
+  messages = [r.getMessage() for r in notices_log.records]
+  assert len(messages) == 2
+  assert messages[0].startswith("attention_impl='pallas' on backend 'cpu' runs the Pallas "
+                                "kernels in interpret mode")
+  assert messages[1].startswith("attention_impl='pallas_tpu' on backend 'cpu' runs the "
+                                "Pallas TPU kernels in TPU interpret mode")
+  jax.eval_shape(kernels.attention_fn("xla"), *args)
+  jax.eval_shape(kernels.attention_fn("auto", length=6, depth=9, dtype=jnp.float32), *args)
+  assert len(notices_log.records) == 2  # what runs is what was asked: nothing to say
+
+
+def test_cudnn_fallback_says_which_path_runs_and_why(notices_log, monkeypatch):
+  args = random_inputs(5, height=2, width=3)
+  for _ in range(2):
+    jax.eval_shape(kernels.attention_fn("cudnn"), *args)
+  assert [r.getMessage() for r in notices_log.records] == [
+      "attention_impl='cudnn' runs the XLA path (float32 logits and softmax, [B, N, HW, HW] "
+      "in memory) instead of cuDNN: backend 'cpu' has no cuDNN."]
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert augmented_attention.cudnn_unsupported(jnp.float32, 30) == (
+      "cuDNN runs bfloat16/float16, not float32")
+
+
+# ------------------------------------------------------------------ the whole train step lowers
+
+
+def lowered_train_step(monkeypatch, impl: str, backend: str, platform: str,
+                       devices: int = 1) -> str:
+  """StableHLO of ``trainer.make_train_step`` for aa_resnet50 (bf16, 224 px, 2 images per
+  device), jitted as a run jits it on a mesh of ``devices``, traced as on a ``backend`` host
+  and lowered for ``platform``."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  model = create_model("aa_resnet50", 1000, dtype=jnp.bfloat16, attention_impl=impl)
+  tx = optax.sgd(0.1, momentum=0.9)
+
+  def init_state(key):
+    variables = model.init(key, jnp.zeros((1, 224, 224, 3), jnp.bfloat16), train=False)
+    return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                              batch_stats=variables["batch_stats"],
+                              opt_state=tx.init(variables["params"]))
+
+  state = jax.eval_shape(init_state, jax.random.key(0))
+  mesh = parallel.create_mesh(jax.devices()[:devices])
+  step = trainer.jit_train_step(
+      trainer.make_train_step(model, tx, optax.constant_schedule(0.1), mean=(0.5,) * 3,
+                              std=(0.25,) * 3, dtype=jnp.bfloat16, label_smoothing=0.0, seed=0,
+                              skip_nonfinite=True),
+      jax.tree.map(lambda _: parallel.replicated(mesh), state), mesh)
+  batch = 2 * devices
+  images = jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.uint8)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  return step.trace(state, {"image": images, "label": labels}).lower(
+      lowering_platforms=(platform,)).as_text()
+
+
+def test_aa_resnet50_train_step_lowers_for_tpu_with_mosaic_kernels(monkeypatch):
+  """On one chip. With the batch sharded over several devices jax refuses to partition Mosaic
+  kernels (they would need a shard_map): see the next test."""
+  hlo = lowered_train_step(monkeypatch, "pallas_tpu", "tpu", "tpu")
+  # Forward and both backward kernels, at both map sizes (14x14 and 7x7) of the 13 layers.
+  assert set(re.findall(r'kernel_name = "(\w+)"', hlo)) == {
+      "_flash_attention_kernel", "_flash_attention_dq_kernel", "_flash_attention_dkv_kernel"}
+  assert hlo.count("stablehlo.custom_call @tpu_custom_call") == 6
+
+
+def test_tpu_path_does_not_lower_with_the_batch_sharded_over_devices(monkeypatch):
+  """Known limit: the Pallas TPU kernels run only where the train step's mesh is one device."""
+  if jax.device_count() < 2:
+    pytest.skip("needs several (simulated) devices")
+  with pytest.raises(NotImplementedError, match="cannot be automatically partitioned"):
+    lowered_train_step(monkeypatch, "pallas_tpu", "tpu", "tpu", devices=2)
+
+
+def test_aa_resnet50_train_step_lowers_for_cuda_with_triton_kernels(monkeypatch):
+  hlo = lowered_train_step(monkeypatch, "pallas", "gpu", "cuda")
+  for name in ("forward", "dq", "dkdv"):  # one call per augmented layer each
+    assert hlo.count(f'name = "relative_attention_2d_{name}"') == 13

@@ -1,10 +1,10 @@
-"""benchmarks.profile_aa_tiny runs and attributes op time to the right layers (no timing)."""
+"""experiments.profile_aa_tiny runs and attributes op time to the right layers (no timing)."""
 
 import json
 
 import pytest
 
-from benchmarks import profile_aa_tiny
+from experiments import profile_aa_tiny
 
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

@@ -119,6 +119,8 @@ def test_console_shows_what_runs_from_the_first_seconds(digits_run):
   assert console[0].startswith("Data digits: 1437 training and 360 eval examples, 10 classes")
   assert console[1].startswith("Model aa_resnet_tiny: ") and "12 steps of global batch" in \
       console[1] and "on 8 device(s)" in console[1]
+  assert console[1].endswith("; attention path per stage: stage2: 4x4 xla x1; stage3: 2x2 xla "
+                             "x1.")
   assert console[2].startswith("Initialising the model's variables")
   assert console[3].startswith("Compiling the train step")
   assert re.fullmatch(r"Step 1 done in [0-9.]+ s \(compilation included\); training\.",

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from aa_flax import attention
+from aa_flax.kernels.notices import say_once
 
 BACKENDS = ("gpu", "cpu")  # cuDNN on GPU where it applies, else (and on CPU) the XLA path
 IMPLEMENTATIONS = (None, "cudnn", "xla")
@@ -64,13 +65,25 @@ def augment(q: jax.Array, k: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
   return q_aug, k_aug
 
 
-def cudnn_applies(dtype, depth: int) -> bool:
-  """Whether cuDNN flash attention can run ``dtype`` inputs of per-head ``depth`` here."""
-  if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in map(jnp.dtype, _CUDNN_DTYPES):
-    return False
+def cudnn_unsupported(dtype, depth: int) -> Optional[str]:
+  """Why cuDNN flash attention cannot run ``dtype`` inputs of per-head ``depth`` here, or
+  ``None`` when it can."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    return f"backend {backend!r} has no cuDNN"
+  if jnp.dtype(dtype) not in map(jnp.dtype, _CUDNN_DTYPES):
+    return f"cuDNN runs bfloat16/float16, not {jnp.dtype(dtype).name}"
   device = jax.local_devices()[0]
   capability = tuple(int(c) for c in getattr(device, "compute_capability", "0.0").split("."))
-  return _round_up(depth, 8) <= (256 if capability >= (9, 0) else 128)
+  limit = 256 if capability >= (9, 0) else 128
+  if _round_up(depth, 8) > limit:
+    return f"head depth {_round_up(depth, 8)} is over cuDNN's {limit} on this GPU"
+  return None
+
+
+def cudnn_applies(dtype, depth: int) -> bool:
+  """Whether cuDNN flash attention can run ``dtype`` inputs of per-head ``depth`` here."""
+  return cudnn_unsupported(dtype, depth) is None
 
 
 def multihead_attention_2d(
@@ -104,7 +117,10 @@ def multihead_attention_2d(
   relative = rel_h is not None
   depth = key_depth + (height + width if relative else 0)
   if implementation is None:
-    if not cudnn_applies(q.dtype, max(depth, value_depth)):
+    reason = cudnn_unsupported(q.dtype, max(depth, value_depth))
+    if reason is not None:
+      say_once(f"attention_impl='cudnn' runs the XLA path (float32 logits and softmax, "
+               f"[B, N, HW, HW] in memory) instead of cuDNN: {reason}.")
       return attention.multihead_attention_2d(q, k, v, rel_h, rel_w,
                                               relative_method=relative_method)
     implementation = "cudnn"

@@ -62,6 +62,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from aa_flax import attention
+from aa_flax.kernels.notices import say_once
 
 BACKENDS = ("gpu", "cpu")  # compiled on GPU; Pallas interpret mode on CPU
 # Finite stand-in for -inf: keeps exp() at exactly 0 without inf - inf = nan.
@@ -91,6 +92,10 @@ def resolve_interpret(interpret: Optional[bool]) -> bool:
     raise NotImplementedError(
         f"the fused relative-attention kernel is written for the Pallas Triton (GPU) lowering; "
         f"backend {backend!r} cannot compile it (pass interpret=True to emulate it)")
+  if backend != "gpu":
+    say_once(f"attention_impl='pallas' on backend {backend!r} runs the Pallas kernels in "
+             "interpret mode (emulated op by op, many times slower than the XLA path; for "
+             "tests): the compiled Triton kernels need a GPU. Use 'xla' or 'auto' here.")
   return backend != "gpu"
 
 

@@ -34,6 +34,7 @@ from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
 from aa_flax import attention
 from aa_flax.kernels import augmented_attention
+from aa_flax.kernels.notices import say_once
 
 BACKENDS = ("tpu", "cpu")  # compiled on TPU; TPU interpret mode on CPU
 BLOCK = 128  # sequence block of every forward and backward kernel
@@ -58,6 +59,11 @@ def resolve_interpret(interpret: Optional[bool]) -> bool:
     raise NotImplementedError(
         f"the Pallas TPU flash-attention path runs on {BACKENDS} (CPU: interpret mode), not "
         f"on backend {backend!r}")
+  if backend != "tpu":
+    say_once(f"attention_impl='pallas_tpu' on backend {backend!r} runs the Pallas TPU kernels "
+             "in TPU interpret mode (TPU memory simulated on the host, many times slower than "
+             "the XLA path; for tests): the compiled kernels need a TPU. Use 'xla' or 'auto' "
+             "here.")
   return backend != "tpu"
 
 

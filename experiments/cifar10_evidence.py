@@ -7,7 +7,7 @@ metrics, run info; no checkpoints) to ``<docs>/runs/cifar10_evidence/`` and rege
 ``<docs>/REPRODUCTION.md`` with its figures from every committed run record, plus an attention
 map of the first augmented run.
 
-  python -m benchmarks.cifar10_evidence --data-dir=<dir> --out=runs/cifar10_evidence
+  python -m experiments.cifar10_evidence --data-dir=<dir> --out=runs/cifar10_evidence
 
 ``<dir>`` holds ``cifar10_train_part0.npz``, ``cifar10_train_part1.npz`` (the 50,000
 training images between them) and ``cifar10_test.npz`` (10,000), each with ``images`` (uint8
@@ -20,7 +20,6 @@ a busy machine hits both alike.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from aa_flax import report, run_info
 from aa_flax.config_utils import load_config
 from aa_flax.metric_logging import METRICS_FILE
 from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
+from benchmarks import common
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO_ROOT, "configs", "cifar10_evidence.py")
@@ -112,7 +112,7 @@ def copy_records(workdir: str, target: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = common.argument_parser(__doc__, None)
   parser.add_argument("--data-dir", required=True,
                       help="directory with cifar10_train_part{0,1}.npz and cifar10_test.npz")
   parser.add_argument("--data-note", default="CIFAR-10 (JPEG q75 copy, not bit-exact CIFAR-10)",
@@ -172,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              "query pixels (`python -m aa_flax.visualize`):", "",
              f"![attention maps](figures/{figure})"]
   runs, skipped = report.find_runs(os.path.join(args.docs, "runs", "*", "*"))
-  command = " ".join(["python -m benchmarks.cifar10_evidence",
+  command = " ".join(["python -m experiments.cifar10_evidence",
                       *_portable(argv if argv is not None else sys.argv[1:])])
   report.build_report(runs, os.path.join(args.docs, "REPRODUCTION.md"),
                       [int(t) for t in args.report_tables.split(",")], not args.no_flops,

@@ -13,14 +13,13 @@ by each ``aa_flax.resolution`` method, re-initialised, or not converted at all).
    once per method, and evaluates at that size.
 
 ``--data-dir`` holds ``cifar10_train_part{0,1}.npz`` and ``cifar10_test.npz`` (as for
-``benchmarks.cifar10_evidence``). Accuracy does not depend on machine load; wall times do.
+``experiments.cifar10_evidence``). Accuracy does not depend on machine load; wall times do.
 
-  python -m benchmarks.resolution_transfer --data-dir=<dir> --workdir=/tmp/aa_resolution
+  python -m experiments.resolution_transfer --data-dir=<dir> --workdir=/tmp/aa_resolution
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import time
@@ -31,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from aa_flax import resolution
-from benchmarks import cifar10_evidence, common
-from benchmarks.bench_train import parse_override
+from benchmarks import common
+from experiments import cifar10_evidence
 
 TRAIN_SIZE = 32
 COLUMNS = ("input", "size", "tables", "top1", "note")
@@ -199,7 +198,7 @@ def run(args) -> list[dict[str, Any]]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.argument_parser(__doc__, "resolution_transfer")
   parser.add_argument("--data-dir", required=True,
                       help="directory with cifar10_train_part{0,1}.npz and cifar10_test.npz")
   parser.add_argument("--data-note", default="CIFAR-10 (JPEG q75 copy, not bit-exact CIFAR-10)",
@@ -213,7 +212,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--eval-batch", type=int, default=400)
   parser.add_argument("--learning-rate", type=float, default=0.2, help="per 256 examples")
-  parser.add_argument("--set", action="append", type=parse_override, default=[],
+  parser.add_argument("--set", action="append", type=common.parse_override, default=[],
                       help="config key=value for every run, e.g. model.width=8 (repeatable; "
                            f"defaults: {' '.join(DEFAULT_SETTINGS)})")
   parser.add_argument("--sizes", type=int, nargs="+", default=[24, 32, 40, 48])
@@ -221,12 +220,10 @@ def main(argv=None):
   parser.add_argument("--finetune-steps", type=int, default=40)
   parser.add_argument("--finetune-learning-rate", type=float, default=0.04)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--name", default="resolution_transfer")
-  parser.add_argument("--out-dir", default=common.RESULTS_DIR)
   args = parser.parse_args(argv)
   given = {key for key, _ in args.set}
-  args.set = [parse_override(s) for s in DEFAULT_SETTINGS
-              if parse_override(s)[0] not in given] + args.set
+  args.set = [common.parse_override(s) for s in DEFAULT_SETTINGS
+              if common.parse_override(s)[0] not in given] + args.set
   rows, change = run(args)
   extra = {key: value for key, value in vars(args).items() if key not in ("out_dir", "name")}
   extra["relative_change_from_init"] = change

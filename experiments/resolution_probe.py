@@ -16,12 +16,11 @@ with the tables converted by each ``aa_flax.resolution`` method and re-initialis
 Needs only jax, flax, optax and numpy; accuracy does not depend on machine load.
 
 Example (the table in docs/RESOLUTION.md):
-  python -m benchmarks.resolution_probe
+  python -m experiments.resolution_probe
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import flax.linen as nn
@@ -139,7 +138,7 @@ def run(args) -> list[dict[str, Any]]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = common.argument_parser(__doc__, "resolution_probe")
   parser.add_argument("--scene", type=int, default=12, help="training scene size S (px)")
   parser.add_argument("--sizes", type=int, nargs="+", default=[18, 24])
   parser.add_argument("--heads", type=int, default=4)
@@ -149,8 +148,6 @@ def main(argv=None):
   parser.add_argument("--eval-scenes", type=int, default=2000)
   parser.add_argument("--eval-batch", type=int, default=50)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--name", default="resolution_probe")
-  parser.add_argument("--out-dir", default=common.RESULTS_DIR)
   args = parser.parse_args(argv)
   rows = run(args)
   extra = {key: value for key, value in vars(args).items() if key not in ("out_dir", "name")}

@@ -1,9 +1,9 @@
 """Where the train step of ``aa_resnet_tiny`` spends its time compared with ``resnet_tiny``.
 
-  python -m benchmarks.profile_aa_tiny [--batch 128] [--dtypes float32,bfloat16] [--rounds 7]
+  python -m experiments.profile_aa_tiny [--batch 128] [--dtypes float32,bfloat16] [--rounds 7]
 
-For each dtype, both models (32x32 images, width 16, 10 classes) and the same self-contained
-SGD step as ``bench_train``:
+For each dtype, both models (32x32 images, width 16, 10 classes) and the train step
+``train.py`` runs, as ``benchmarks.bench_train`` times it:
 
 * XLA's cost analysis of the compiled step: GFLOPs and GB accessed (independent of load);
 * the attention tensors ``[B, N_h, HW, HW]`` of every AAConv and their size, and how many
@@ -18,7 +18,6 @@ SGD step as ``bench_train``:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -33,11 +32,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from aa_flax.models import create_model
 from benchmarks import common
-from benchmarks.bench_train import make_train_step
+from benchmarks.bench_train import synthetic_training
 
 MODELS = ("resnet_tiny", "aa_resnet_tiny")
 COLUMNS = ("dtype", "model", "gflops", "gb_accessed", "attention_mib", "full_size_arrays",
@@ -46,29 +43,22 @@ COLUMNS = ("dtype", "model", "gflops", "gb_accessed", "attention_mib", "full_siz
 
 
 def build(model_name: str, dtype, batch: int, image_size: int):
-  """The compiled train step and its arguments (state, images, labels)."""
-  model = create_model(model_name, 10, dtype=dtype, width=16)
-  tx = optax.sgd(0.1, momentum=0.9)
+  """The model, its compiled train step and the step's arguments ``(state, batch)``.
 
-  @jax.jit
-  def init(key):
-    init_key, image_key = jax.random.split(key)
-    variables = model.init({"params": init_key},
-                           jnp.zeros((1, image_size, image_size, 3)), train=False)
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-             "opt_state": tx.init(variables["params"])}
-    images = jax.random.normal(image_key, (batch, image_size, image_size, 3), dtype)
-    return state, images, jnp.zeros((batch,), jnp.int32)
-
-  state, images, labels = init(jax.random.key(0))
-  compiled = jax.jit(make_train_step(model, tx)).lower(state, images, labels).compile()
-  return model, compiled, (state, images, labels)
+  The step is ``train.py``'s (``benchmarks.bench_train.synthetic_training``) on one device,
+  jitted without donation so that the same arguments can be replayed.
+  """
+  setup = synthetic_training(model_name, batch, image_size, dtype, num_classes=10,
+                             overrides={"width": 16}, devices=jax.local_devices()[:1])
+  args = (setup.state, setup.batch)
+  return setup.model, jax.jit(setup.train_step).lower(*args).compile(), args
 
 
 def attention_tensors(model, args) -> dict[str, tuple[tuple[int, ...], float]]:
   """``{layer: (shape of its [B, N_h, HW, HW] weights, MiB in float32)}``."""
-  state, images, _ = args
-  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+  state, batch = args
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  images = jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32)
   shapes = jax.eval_shape(lambda v, x: model.apply(v, x, train=False,
                                                    mutable=["intermediates"])[1],
                           variables, images)
@@ -154,13 +144,11 @@ def interleaved_times(entries: dict[str, Any], rounds: int) -> dict[str, list[fl
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = common.argument_parser(__doc__, "profile_aa_tiny")
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--image-size", type=int, default=32)
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--rounds", type=int, default=7)
-  parser.add_argument("--name", default="profile_aa_tiny")
-  parser.add_argument("--out-dir", default=common.RESULTS_DIR)
   args = parser.parse_args(argv)
   env = common.environment()
   env["load_average_start"] = os.getloadavg()
