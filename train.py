@@ -83,6 +83,17 @@ def _summary(config, workdir: str) -> str:
           f"{config.batch_size}, {length}; workdir {workdir} (full config: config.json there).")
 
 
+def _where_results_are(workdir: str, result: dict) -> str:
+  """The last line of a finished run: the final eval, where it is and how to see the curves."""
+  from aa_flax import storage
+  from aa_flax.metric_logging import TENSORBOARD_DIR
+  from aa_flax.trainer import EVAL_RESULTS_FILE
+  workdir = storage.path(workdir)
+  return (f"Done: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} at step "
+          f"{result['step']}; results in {workdir / EVAL_RESULTS_FILE}; curves: tensorboard "
+          f"--logdir={workdir / TENSORBOARD_DIR}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -108,6 +119,7 @@ def main(argv):
   run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:
     sys.exit(EXIT_PREEMPTED)
+  logging.info(_where_results_are(_WORKDIR.value, result))
 
 
 if __name__ == "__main__":
