@@ -40,7 +40,7 @@ def _read_top(workdir, key):
   return f"{json.loads((workdir / 'eval_results.json').read_text())[key]:.4f}"
 
 
-def test_resume_with_a_changed_recipe_is_one_error_line(finished, tmp_path):
+def test_resume_with_a_changed_recipe_is_one_error_line(finished):
   workdir, _ = finished
   before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
   result = run_train_py(workdir, "--config.optimizer.base_learning_rate=0.3")
