@@ -183,7 +183,7 @@ class Checkpointer:
               f"Checkpoint {self.step_path(step)} is intact (its files match their digest) "
               "but its train state does not fit the current model and optimizer "
               f"({_first_line(error)}). Resume with the config it was written with "
-              "(its 'config' item), or use a new --workdir.") from error
+              "(its 'config' item), or use a new --workdir.") from None
         self._report_unusable(step, error, failures)
         continue
       self._quarantine(failures)

@@ -94,6 +94,20 @@ def _summary(config, workdir: str) -> str:
           f"{config.batch_size}, {length}; workdir {workdir} (full config: config.json there).")
 
 
+def _where_results_are(config, workdir: str, result: dict) -> str:
+  """The last line of a finished run: the final eval, where it is and how to see the curves."""
+  from aa_flax import storage
+  from aa_flax.metric_logging import TENSORBOARD_DIR
+  from aa_flax.trainer import EVAL_ONLY_DIR, EVAL_RESULTS_FILE
+  workdir = storage.path(workdir)
+  evaluated = (f"test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} at step "
+               f"{result['step']}")
+  if config.eval_only:
+    return f"Done: eval-only {evaluated}; results in {workdir / EVAL_ONLY_DIR}/"
+  return (f"Done: {evaluated}; results in {workdir / EVAL_RESULTS_FILE}; curves: tensorboard "
+          f"--logdir={workdir / TENSORBOARD_DIR}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -119,6 +133,7 @@ def main(argv):
   run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:
     sys.exit(EXIT_PREEMPTED)
+  logging.info(_where_results_are(_CONFIG.value, _WORKDIR.value, result))
 
 
 def run() -> None:

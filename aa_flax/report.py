@@ -15,8 +15,9 @@ Part 2 holds every other run (the project's own small experiments): runs that di
 their seed form a group with mean ± standard deviation, and a PNG shows their curves.
 
 Wall time and hardware come from ``run_info.json`` (written by ``train.py``); a run without
-it says "not recorded". The report is printed and written to ``--out``; figures go to
-``figures/`` beside it.
+it says "not recorded". The report is printed and written to ``--out`` (in an existing
+folder); figures go to ``figures/`` beside it. While it counts, a line per paper row goes to
+stderr (counting GFLOPs is the slow part; ``--no-flops`` skips it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any, Optional, Sequence
 from aa_flax import config_utils, run_info, tables
 from aa_flax.errors import AAFlaxError, WorkdirError
 from aa_flax.metric_logging import read_records
+from aa_flax.progress import Progress
 from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
 
 # Config keys that change neither what is trained nor how (logging, checkpoints, loaders).
@@ -226,9 +228,11 @@ class _Matched:
   changes: list[str]
 
 
-def paper_section(runs: Sequence[Run], table_numbers: Sequence[int], with_flops: bool
-                  ) -> tuple[list[str], list[_Matched]]:
-  """Markdown lines of part 1 and the (row, run) pairs it matched."""
+def paper_section(runs: Sequence[Run], table_numbers: Sequence[int], with_flops: bool,
+                  progress: Optional[Progress] = None) -> tuple[list[str], list[_Matched]]:
+  """Markdown lines of part 1 and the (row, run) pairs it matched; ``progress`` gets a line
+  per row."""
+  progress = progress or Progress("none")
   lines, matched = [], []
   for table in table_numbers:
     size, classes = tables.TABLE_INPUTS[table]
@@ -241,14 +245,13 @@ def paper_section(runs: Sequence[Run], table_numbers: Sequence[int], with_flops:
       cfg = config_utils.config_to_dict(row_config(row))
       row_runs = [run for run in runs if run_matches_row(run, cfg)]
       matched += [_Matched(row, run, recipe_changes(run, cfg)) for run in row_runs]
-      params = tables.model_params(row) / 1e6
+      params, gflops = tables.row_counts(row, with_flops, progress)
       cells = [row.label, f"`{tables.config_spec(row)}`",
                tables.with_mark(row.params_m, row.params_mark, 2, "M"), f"{params:.3f}M",
                tables.relative_difference(params, row.params_m)]
       if with_flops:
-        gflops = tables.model_gflops(row)
-        cells += [tables.with_mark(row.gflops, row.gflops_mark), f"{gflops:.2f}",
-                  tables.relative_difference(gflops, row.gflops)]
+        cells += [tables.with_mark(row.gflops, row.gflops_mark), f"{gflops['dense']:.2f}",
+                  tables.relative_difference(gflops["dense"], row.gflops)]
       else:
         cells += [tables.with_mark(row.gflops, row.gflops_mark), "not computed", ""]
       for run in row_runs or [None]:
@@ -275,6 +278,20 @@ def matched_runs_lines(matched: Sequence[_Matched]) -> list[str]:
   return lines
 
 
+# A curve with at most this many points draws each point as a visible marker.
+FEW_POINTS = 20
+
+
+def _accuracy_limits(values: Sequence[float], margin: float = 1.0) -> tuple[float, float]:
+  """Axis limits around accuracies in percent, never outside [0, 100]."""
+  return max(0.0, min(values) - margin), min(100.0, max(values) + margin)
+
+
+def _curve_style(num_points: int) -> dict[str, Any]:
+  """Line markers: large when a curve has few points (one point is only a marker)."""
+  return {"marker": "o", "markersize": 5 if num_points <= FEW_POINTS else 2}
+
+
 def plot_paper_vs_ours(matched: Sequence[_Matched], path: str) -> bool:
   """Scatter of the paper's top-1 against ours for finished runs; ``False`` if none."""
   points = [(m.row.top1, 100 * m.run.results["top1"], f"T{m.row.table} {m.row.label}")
@@ -285,8 +302,7 @@ def plot_paper_vs_ours(matched: Sequence[_Matched], path: str) -> bool:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   figure, axis = plt.subplots(figsize=(6, 6), dpi=100)
-  values = [v for p in points for v in p[:2]]
-  low, high = min(values) - 1, max(values) + 1
+  low, high = _accuracy_limits([v for p in points for v in p[:2]])
   axis.plot([low, high], [low, high], color="grey", linewidth=1, label="ours = paper")
   for paper, ours, label in points:
     axis.scatter([paper], [ours], s=25)
@@ -384,17 +400,17 @@ def project_section(runs: Sequence[Run]) -> list[str]:
   return lines
 
 
-def plot_curves(runs: Sequence[Run], path: str) -> bool:
-  """Train loss and eval top-1 against epochs (or steps), one colour per group."""
+def curves_figure(runs: Sequence[Run]):
+  """Train loss and eval top-1 against epochs (or steps), one colour per group; the top-1
+  axis stays within [0, 100]. ``None`` if no run has metric records."""
   groups = group_runs(runs)
   if not any(run.records for run in runs):
-    return False
-  import matplotlib
-  matplotlib.use("Agg")
+    return None
   import matplotlib.pyplot as plt
   figure, (loss_axis, top1_axis) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
   colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   in_epochs = all(run.epochs is not None for run in runs)
+  accuracies = []
   for index, group in enumerate(groups):
     for number, run in enumerate(group):
       scale = run.epochs / run.step if in_epochs and run.step else 1.0
@@ -403,17 +419,31 @@ def plot_curves(runs: Sequence[Run], path: str) -> bool:
       label = f"{run.config['model']['name']} seed {run.config.get('seed', '?')}"
       train = [r for r in run.records if r.get("split") == "train" and "loss" in r]
       evals = [r for r in run.records if r.get("split") == "eval" and "top1" in r]
+      accuracies += [100 * r["top1"] for r in evals]
       loss_axis.plot([r["step"] * scale for r in train], [r["loss"] for r in train],
-                     marker=".", markersize=2, label=label, **style)
+                     label=label, **style, **_curve_style(len(train)))
       top1_axis.plot([r["step"] * scale for r in evals], [100 * r["top1"] for r in evals],
-                     marker="o", markersize=3, label=label, **style)
+                     label=label, **style, **_curve_style(len(evals)))
   unit = "epoch" if in_epochs else "step"
   loss_axis.set(xlabel=unit, ylabel="train loss (window mean)", title="Training loss")
   top1_axis.set(xlabel=unit, ylabel="test top-1 (%)", title="Test top-1")
+  if accuracies:
+    top1_axis.set_ylim(*_accuracy_limits(accuracies))
   top1_axis.legend(fontsize=7)
   for axis in (loss_axis, top1_axis):
     axis.grid(alpha=0.3)
   figure.tight_layout()
+  return figure
+
+
+def plot_curves(runs: Sequence[Run], path: str) -> bool:
+  """``curves_figure`` written to ``path``; ``False`` (nothing written) if there is none."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  figure = curves_figure(runs)
+  if figure is None:
+    return False
   os.makedirs(os.path.dirname(path), exist_ok=True)
   figure.savefig(path)
   plt.close(figure)
@@ -425,14 +455,15 @@ def plot_curves(runs: Sequence[Run], path: str) -> bool:
 
 def build_report(runs: Sequence[Run], out_path: str, table_numbers: Sequence[int] = (1, 2, 3, 4,
                  6, 7), with_flops: bool = True, skipped: Sequence[str] = (),
-                 command: str = "", project_extra: Sequence[str] = ()) -> str:
+                 command: str = "", project_extra: Sequence[str] = (),
+                 progress: Optional[Progress] = None) -> str:
   """Writes the markdown report to ``out_path`` and its figures to ``figures/`` beside it.
 
   ``project_extra``: markdown lines appended to part 2 (e.g. a figure made by the caller).
-  Returns the markdown.
+  ``progress`` gets a line per paper row while they are counted. Returns the markdown.
   """
   figure_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "figures")
-  paper_lines, matched = paper_section(runs, table_numbers, with_flops)
+  paper_lines, matched = paper_section(runs, table_numbers, with_flops, progress)
   paper_run_ids = {id(m.run) for m in matched}
   project_runs = [run for run in runs if id(run) not in paper_run_ids]
   utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -470,7 +501,21 @@ def build_report(runs: Sequence[Run], out_path: str, table_numbers: Sequence[int
   return markdown
 
 
+def check_out_path(out_path: str) -> None:
+  """Raises ``WorkdirError`` unless ``out_path`` can be a file in an existing folder (checked
+  before anything is computed or written)."""
+  folder = os.path.dirname(os.path.abspath(out_path))
+  if os.path.isdir(out_path):
+    raise WorkdirError(f"--out={out_path} is a folder; give a file name such as "
+                       f"{os.path.join(out_path, 'REPRODUCTION.md')}")
+  if not os.path.isdir(folder):
+    what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+    raise WorkdirError(f"--out={out_path}: its folder {folder} {what}; create the folder or "
+                       "choose another --out")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command line; a mistake prints one ``error:`` line on stderr and writes nothing."""
   import sys
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--runs", default="",
@@ -489,9 +534,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   bad = [t for t in table_numbers if t not in tables.TABLE_INPUTS]
   if bad:
     parser.error(f"unknown table(s) {bad}; valid: {sorted(tables.TABLE_INPUTS)}")
-  runs, skipped = find_runs(args.runs)
-  command = " ".join(["python -m aa_flax.report", *(argv if argv is not None else sys.argv[1:])])
-  print(build_report(runs, args.out, table_numbers, not args.no_flops, skipped, command))
+  try:
+    check_out_path(args.out)
+    runs, skipped = find_runs(args.runs)
+    command = " ".join(["python -m aa_flax.report",
+                        *(argv if argv is not None else sys.argv[1:])])
+    progress = Progress("print")
+    tables.announce(table_numbers, not args.no_flops, progress)
+    markdown = build_report(runs, args.out, table_numbers, not args.no_flops, skipped, command,
+                            progress=progress)
+  except AAFlaxError as error:
+    raise SystemExit(f"error: {type(error).__name__}: {error}") from None
+  print(markdown)
   print(f"Wrote {args.out}", file=sys.stderr)
 
 

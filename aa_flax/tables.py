@@ -6,7 +6,8 @@ prints, for each row, the paper's params and GFlops with their confidence mark (
 from the paper; [likely]: from secondary sources or consistent derivations; [unsure]:
 remembered, not confirmed) beside ours and the relative difference. GFLOPs use the "dense"
 convention (padding taps counted, like the paper; see ``aa_flax.metrics``); XLA's own cost
-analysis is printed beside it. ``PAPER_ROWS`` also holds the paper's top-1/top-5 (percent),
+analysis is printed beside it. A line per row goes to stderr while it counts (GFLOPs are the slow
+part). ``PAPER_ROWS`` also holds the paper's top-1/top-5 (percent),
 which ``aa_flax.report`` sets beside trained runs. Rows whose model is not in the registry
 (some of Table 2's attention modules) are listed as not implemented.
 """
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from typing import Any, Optional, Sequence
 
 from aa_flax.metrics import count_flops, count_params
 from aa_flax.models import create_model, list_models
+from aa_flax.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +173,35 @@ def not_implemented_note(table: int) -> str:
   return f"Not implemented in this codebase: {', '.join(missing)}." if missing else ""
 
 
-def format_tables(tables: Sequence[int], with_flops: bool = True) -> str:
-  """The comparison as markdown, one section per table."""
+def announce(table_numbers: Sequence[int], with_flops: bool, progress: Progress) -> None:
+  """Says up front how many rows get counted and that counting GFLOPs is the slow part."""
+  rows = sum(len(list(filter(is_implemented, table_rows(t)))) for t in table_numbers)
+  if with_flops:
+    progress.line("Counting parameters and GFLOPs of %d rows (tables %s). Counting GFLOPs "
+                  "traces every model and takes most of the time; --no-flops skips it.", rows,
+                  ", ".join(map(str, table_numbers)))
+  else:
+    progress.line("Counting parameters of %d rows (tables %s); GFLOPs skipped (--no-flops).",
+                  rows, ", ".join(map(str, table_numbers)))
+
+
+def row_counts(row: PaperRow, with_flops: bool, progress: Progress,
+               conventions: Sequence[str] = ("dense",)) -> tuple[float, dict[str, float]]:
+  """Our params (millions) and, with ``with_flops``, GFLOPs per convention for ``row``;
+  writes one progress line with what it counted and how long that took."""
+  start = time.perf_counter()
+  params = model_params(row) / 1e6
+  gflops = {c: model_gflops(row, c) for c in conventions} if with_flops else {}
+  progress.line("  table %d, %s: %.3fM params%s (%.1f s)", row.table, row.label, params,
+                f", {gflops['dense']:.2f} GFLOPs" if gflops else "",
+                time.perf_counter() - start)
+  return params, gflops
+
+
+def format_tables(tables: Sequence[int], with_flops: bool = True,
+                  progress: Optional[Progress] = None) -> str:
+  """The comparison as markdown, one section per table; ``progress`` gets a line per row."""
+  progress = progress or Progress("none")
   lines = []
   for table in tables:
     size, classes = TABLE_INPUTS[table]
@@ -184,14 +214,12 @@ def format_tables(tables: Sequence[int], with_flops: bool = True) -> str:
       rule += "---|---|---|---|"
     lines += [header, rule]
     for row in filter(is_implemented, table_rows(table)):
-      params = model_params(row) / 1e6
+      params, gflops = row_counts(row, with_flops, progress, ("dense", "xla"))
       line = (f"| {row.label} | {row.model} | {with_mark(row.params_m, row.params_mark, 2, 'M')}"
               f" | {params:.3f}M | {relative_difference(params, row.params_m)} |")
       if with_flops:
-        dense = model_gflops(row, "dense")
-        xla = model_gflops(row, "xla")
-        line += (f" {with_mark(row.gflops, row.gflops_mark)} | {dense:.2f} | "
-                 f"{relative_difference(dense, row.gflops)} | {xla:.2f} |")
+        line += (f" {with_mark(row.gflops, row.gflops_mark)} | {gflops['dense']:.2f} | "
+                 f"{relative_difference(gflops['dense'], row.gflops)} | {gflops['xla']:.2f} |")
       lines.append(line)
     if not_implemented_note(table):
       lines += ["", not_implemented_note(table)]
@@ -211,7 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   bad = [t for t in tables if t not in TABLE_INPUTS]
   if bad:
     parser.error(f"unknown table(s) {bad}; valid: {sorted(TABLE_INPUTS)}")
-  print(format_tables(tables, with_flops=not args.no_flops))
+  progress = Progress("print")
+  announce(tables, not args.no_flops, progress)
+  print(format_tables(tables, with_flops=not args.no_flops, progress=progress))
 
 
 if __name__ == "__main__":

@@ -163,7 +163,8 @@ def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh,
 
   Returns ``top1``, ``top5`` (fractions), ``loss`` (mean) and ``num_examples``, or ``None``
   if ``should_stop()`` (asked before every batch, on every process) turned true. ``progress``
-  shows how many examples are done.
+  shows how many examples are done. Raises ``ConfigError`` naming ``config.eval_batch_size``
+  when an eval batch does not fit in device memory.
   """
   totals = {"loss": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
   batches = pipeline.eval_batches()
@@ -173,7 +174,16 @@ def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh,
   for local_batch in batches:
     if should_stop():
       return None
-    sums = jax.device_get(eval_step(state, parallel.global_batch(local_batch, mesh)))
+    try:
+      sums = jax.device_get(eval_step(state, parallel.global_batch(local_batch, mesh)))
+    except jax.errors.JaxRuntimeError as error:
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      raise ConfigError(
+          f"An eval batch of config.eval_batch_size={pipeline.eval_global_batch_size} images "
+          f"does not fit in device memory ({str(error).splitlines()[0]}); lower "
+          "config.eval_batch_size (e.g. halve it; it must stay a multiple of the device "
+          "count).") from error
     for key in totals:
       totals[key] += float(sums[key])
   count = totals["count"]
@@ -340,6 +350,25 @@ def _disk_full_is_a_workdir_error(workdir) -> Iterator[None]:
                        "rerun to resume from the last complete checkpoint.") from error
 
 
+def _missing_local_folders(*folders: epath.Path) -> list[epath.Path]:
+  """Those of the local ``folders`` that do not exist yet (cloud folders are not tracked)."""
+  return [folder for folder in folders
+          if not storage.is_remote(folder) and not folder.exists()]
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(new_folders: list[epath.Path]) -> Iterator[None]:
+  """When the body raises, removes those of ``new_folders`` (not there before this run) that
+  it left empty."""
+  try:
+    yield
+  except BaseException:
+    for folder in new_folders:
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    raise
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        model: nn.Module | None = None,
                        progress: str | Progress = "auto") -> dict[str, Any]:
@@ -367,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ConfigError, DataError, DatasetNotFoundError, ConfigMismatchError, WorkdirError,
     NonFiniteError (see ``aa_flax.errors``).
   """
-  from aa_flax.checkpoint import Checkpointer
+  from aa_flax.checkpoint import CHECKPOINT_DIR, Checkpointer
   from aa_flax.data import InputPipeline, load_splits, resolve_num_workers
   from aa_flax.metric_logging import MetricLogger
   from aa_flax.workdir_lock import workdir_lock
@@ -430,6 +459,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       abstract_state, state_sharding)
 
+  new_workdir = _missing_local_folders(workdir)
+  new_checkpoints = _missing_local_folders(workdir / CHECKPOINT_DIR)
   storage.check_workdir(workdir, _state_bytes(abstract_state) * (config.keep_checkpoints + 1))
   norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
   eval_step = jax.jit(make_eval_step(model, **norm),
@@ -444,7 +475,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return restored, _run_once(state_from, variables, jnp.asarray(step, jnp.int32),
                                out_shardings=state_sharding)
 
-  with workdir_lock(workdir), _disk_full_is_a_workdir_error(workdir):
+  # A failed run leaves no empty folder it created (the checkpoints' only while locked).
+  with _removed_if_left_empty(new_workdir), workdir_lock(workdir), \
+      _removed_if_left_empty(new_checkpoints), _disk_full_is_a_workdir_error(workdir), \
+      progress.heartbeat():
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                 async_save=config.async_checkpointing)
     try:

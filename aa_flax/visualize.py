@@ -8,10 +8,12 @@
 For notebooks: ``load_trained(workdir)`` or ``fresh_model(name, image_size)`` gives a
 ``LoadedModel``; ``attention_maps(loaded, image, queries)`` the maps; ``plot_attention`` the
 figure (matplotlib). For each query pixel a row shows the input with the query marked and the
-N_h per-head maps of the layer (its softmax over keys for the query's cell), upsampled to the
-image and overlaid. Strided and pooled layers attend over a coarser grid; the query pixel
-picks the grid cell that covers it, and each map is stretched over the whole image.
-Fresh weights are said so on the figure.
+layer's attention grid drawn on it, then the N_h per-head maps of the layer (its softmax over
+the ``L = h' x w'`` keys for the query's cell), one grid cell per block of colour (no
+smoothing), all on one colour scale with a colour bar that marks the uniform level ``1/L``.
+Strided and pooled layers attend over a coarser grid; the query pixel picks the grid cell
+that covers it. The title gives the true class (when known) and the predicted one; fresh
+weights are said so on the figure.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aa_flax.errors import AAFlaxError, DataError, WorkdirError
 from aa_flax.layers import AAConv
 
 Query = tuple[int, int]
@@ -57,7 +60,8 @@ class AttentionMaps:
 
   ``maps``: float32 ``[Q, N_h, h', w']``, each map a softmax over the layer's ``h' x w'``
   keys (sums to 1), for the grid cell holding query pixel ``queries[i]`` of an image of
-  ``image_size``. ``layers`` lists every AAConv of the model (call order).
+  ``image_size``. ``layers`` lists every AAConv of the model (call order). ``predicted``
+  is the class the model gives the image.
   """
   layer: str
   layers: tuple[str, ...]
@@ -65,17 +69,16 @@ class AttentionMaps:
   query_cells: tuple[Query, ...]
   image_size: tuple[int, int]
   maps: np.ndarray
+  predicted: int
 
   @property
   def grid(self) -> tuple[int, int]:
     return tuple(self.maps.shape[2:])
 
-  def upsampled(self) -> np.ndarray:
-    """``[Q, N_h, H, W]``: every map bilinearly resized to the image (covers all of it)."""
-    queries, heads = self.maps.shape[:2]
-    resized = jax.image.resize(jnp.asarray(self.maps),
-                               (queries, heads, *self.image_size), "linear")
-    return np.asarray(resized)
+  @property
+  def num_keys(self) -> int:
+    """``L = h' * w'``: the keys each query attends over (uniform attention is ``1/L``)."""
+    return self.grid[0] * self.grid[1]
 
 
 def fresh_model(model_name: str, image_size: int | tuple[int, int], channels: int = 3,
@@ -96,7 +99,8 @@ def _newest_step_dir(workdir: str) -> str:
   steps = sorted(int(p) for p in os.listdir(directory) if p.isdigit()) \
       if os.path.isdir(directory) else []
   if not steps:
-    raise FileNotFoundError(f"{workdir} has no checkpoint under {directory}.")
+    raise WorkdirError(f"{workdir} has no checkpoint under {directory}; train first, or pass "
+                       "a checkpoint step directory.")
   return os.path.join(directory, str(steps[-1]))
 
 
@@ -104,6 +108,8 @@ def load_trained(workdir: Optional[str] = None, checkpoint: Optional[str] = None
                  ) -> LoadedModel:
   """The model of a training workdir with the weights of its newest checkpoint, or of
   ``checkpoint`` (``<workdir>/checkpoints/<step>``; the config is ``<workdir>/config.json``).
+
+  Raises ``WorkdirError`` for a missing workdir, checkpoint or ``config.json``.
   """
   import json
 
@@ -113,12 +119,15 @@ def load_trained(workdir: Optional[str] = None, checkpoint: Optional[str] = None
   from aa_flax.trainer import build_model
   if (workdir is None) == (checkpoint is None):
     raise ValueError("pass exactly one of workdir or checkpoint")
-  step_dir = checkpoint or _newest_step_dir(workdir)
+  location = workdir or checkpoint
+  if not os.path.isdir(location):
+    raise WorkdirError(f"{location} does not exist or is not a directory.")
   workdir = workdir or os.path.dirname(os.path.dirname(os.path.normpath(checkpoint)))
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} not found; the model's config is read from the "
-                            "workdir that holds the checkpoint.")
+    raise WorkdirError(f"{config_path} not found: the model's config is read from the "
+                       "training workdir that holds the checkpoint.")
+  step_dir = checkpoint or _newest_step_dir(workdir)
   with open(config_path) as handle:
     config = ml_collections.ConfigDict(json.load(handle))
   state = read_state_arrays(step_dir)
@@ -152,26 +161,59 @@ def load_image(path: Optional[str] = None, index: Optional[int] = None,
                dataset_index: Optional[int] = None) -> np.ndarray:
   """uint8 ``[H, W, C]`` from an image file, ``images[index]`` of an ``.npz``, or the
   ``dataset_index``-th eval image of the run ``loaded`` came from; resized to the model's
-  input size and converted to its channel count when ``loaded`` is given."""
+  input size and converted to its channel count when ``loaded`` is given.
+
+  Raises ``DataError`` for a file that is missing or not an image, or an index out of range.
+  """
+  return load_labelled_image(path, index, loaded, dataset_index)[0]
+
+
+def load_labelled_image(path: Optional[str] = None, index: Optional[int] = None,
+                        loaded: Optional[LoadedModel] = None,
+                        dataset_index: Optional[int] = None) -> tuple[np.ndarray, Optional[int]]:
+  """``load_image`` and the image's class: from the run's eval split, or an ``.npz``'s
+  ``labels`` array; ``None`` for an image file (its class is unknown)."""
+  label = None
   if dataset_index is not None:
     if loaded is None or loaded.data_config is None:
       raise ValueError("dataset_index needs a trained model (its config names the data)")
     from aa_flax.data import load_splits
-    image = np.asarray(load_splits(loaded.data_config, seed=0).eval[dataset_index]["image"])
+    split = load_splits(loaded.data_config, seed=0).eval
+    example = split[_checked_index(dataset_index, len(split), "dataset_index", "eval split")]
+    image, label = np.asarray(example["image"]), int(example["label"])
   elif path is not None and path.endswith(".npz"):
+    if not os.path.isfile(path):
+      raise DataError(f"image file {path} does not exist")
     with np.load(path, allow_pickle=False) as archive:
       if "images" not in archive.files:
-        raise ValueError(f"{path} has no 'images' array (found {archive.files})")
-      image = archive["images"][0 if index is None else index]
+        raise DataError(f"{path} has no 'images' array (found {archive.files})")
+      position = _checked_index(0 if index is None else index, len(archive["images"]), "index",
+                                f"'images' array of {path}")
+      image = archive["images"][position]
+      if "labels" in archive.files:
+        label = int(archive["labels"][position])
   elif path is not None:
-    from PIL import Image
-    with Image.open(path) as handle:
-      image = np.asarray(handle.convert("RGB"))
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+      raise DataError(f"image file {path} does not exist")
+    try:
+      with Image.open(path) as handle:
+        image = np.asarray(handle.convert("RGB"))
+    except UnidentifiedImageError:
+      raise DataError(f"{path} is not an image file PIL can read (PNG, JPEG, ...) nor an .npz "
+                      "with an 'images' array") from None
   else:
     raise ValueError("give an image path (file or .npz) or a dataset index")
   if image.ndim == 2:
     image = image[..., None]
-  return image if loaded is None else _fit(image, loaded)
+  return (image if loaded is None else _fit(image, loaded)), label
+
+
+def _checked_index(index: int, size: int, name: str, what: str) -> int:
+  if not 0 <= index < size:
+    raise DataError(f"{name}={index} is out of range: the {what} has {size} images "
+                    f"(valid: 0 to {size - 1})")
+  return index
 
 
 def _fit(image: np.ndarray, loaded: LoadedModel) -> np.ndarray:
@@ -242,9 +284,10 @@ def attention_maps(loaded: LoadedModel, image: np.ndarray, queries: Sequence[Que
       raise ValueError(f"query pixel (y={y}, x={x}) is outside the {height}x{width} image")
   images = jnp.asarray(_normalise(image, loaded))[None]
   apply = jax.jit(lambda v, x: loaded.model.apply(
-      v, x, train=False, mutable=["intermediates"], capture_intermediates=_is_aaconv_call)[1])
+      v, x, train=False, mutable=["intermediates"], capture_intermediates=_is_aaconv_call))
+  logits, state = apply(loaded.variables, images)
   state = flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(apply(loaded.variables, images)).get("intermediates", {}))
+      flax.core.unfreeze(state).get("intermediates", {}))
   weights = {"/".join(path[:-1]): value[0] for path, value in state.items()
              if path[-1] == "attention_weights"}
   if not weights:
@@ -261,66 +304,98 @@ def attention_maps(loaded: LoadedModel, image: np.ndarray, queries: Sequence[Que
                 for y, x in queries)
   maps = np.stack([layer_weights[:, cy * grid_w + cx].reshape(-1, grid_h, grid_w)
                    for cy, cx in cells])
-  return AttentionMaps(layer, layers, tuple(map(tuple, queries)), cells, (height, width), maps)
+  return AttentionMaps(layer, layers, tuple(map(tuple, queries)), cells, (height, width), maps,
+                       int(np.argmax(logits[0])))
 
 
 def plot_attention(image: np.ndarray, maps: AttentionMaps, title: str = "",
-                   panel_px: int = 160, dpi: int = 100):
-  """The figure: one row per query (input with the query marked, then one panel per head,
-  each map's colours scaled to its own range).
+                   panel_px: int = 160, dpi: int = 100, label: Optional[int] = None):
+  """The figure: one row per query, then a colour bar.
 
-  Its size is ``(1 + N_h) * panel_px`` by ``Q * panel_px + 40`` pixels. Returns a
+  Each row shows the input (nearest-neighbour pixels) with the query pixel marked and the
+  layer's ``h' x w'`` attention grid drawn over it, then one panel per head: the head's map
+  at the grid's own resolution, spread over the image's extent so that cell ``(i, j)`` sits
+  over the pixels it covers, with the query's cell outlined. Every map of the figure shares
+  one linear colour scale from 0 to the largest weight shown (viridis); the colour bar marks
+  the uniform level ``1/L`` (``L = h' * w'`` keys), so a head at that level everywhere does
+  not attend anywhere in particular. The title gives ``title`` (e.g. the model), the true
+  class ``label`` (``None``: unknown) and the predicted class.
+
+  Its size is ``(2 + N_h) * panel_px`` by ``Q * panel_px + 60`` pixels. Returns a
   matplotlib ``Figure``.
   """
   import matplotlib.pyplot as plt
+  from matplotlib.patches import Rectangle
   num_queries, num_heads = maps.maps.shape[:2]
-  header_px = 40
-  width_px, height_px = (1 + num_heads) * panel_px, num_queries * panel_px + header_px
+  header_px, colour_bar_px = 60, panel_px
+  width_px = (1 + num_heads) * panel_px + colour_bar_px
+  height_px = num_queries * panel_px + header_px
   figure = plt.figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
   top = 1 - header_px / height_px
-  grid = figure.add_gridspec(num_queries, 1 + num_heads, left=0.01, right=0.99, bottom=0.01,
-                             top=top - 0.01, wspace=0.05, hspace=0.15)
+  # The colour bar's column is a tenth of a panel; its tick labels and label use the rest.
+  grid = figure.add_gridspec(num_queries, 2 + num_heads, left=0.01,
+                             right=1 - 0.8 * colour_bar_px / width_px, bottom=0.01,
+                             top=top - 0.01, wspace=0.05, hspace=0.15,
+                             width_ratios=[1] * (1 + num_heads) + [0.1])
   height, width = maps.image_size
-  extent = (0, width, height, 0)  # every map stretched over the whole image
+  grid_h, grid_w = maps.grid
+  extent = (0, width, height, 0)  # image coordinates: pixel (y, x) covers [x, x+1] x [y, y+1]
+  cell_h, cell_w = height / grid_h, width / grid_w
+  uniform = 1.0 / maps.num_keys
+  vmax = float(maps.maps.max())
   shown = image[..., 0] if image.shape[-1] == 1 else image
-  gray = image.mean(axis=-1)
-  upsampled = maps.upsampled()
-  for row, (y, x) in enumerate(maps.queries):
+  heads_image = None
+  for row, ((y, x), (cell_y, cell_x)) in enumerate(zip(maps.queries, maps.query_cells)):
     axis = figure.add_subplot(grid[row, 0])
     axis.imshow(shown, cmap="gray" if image.shape[-1] == 1 else None, extent=extent,
                 interpolation="nearest")
+    axis.vlines([j * cell_w for j in range(1, grid_w)], 0, height, color="white",
+                linewidth=0.5, alpha=0.6)
+    axis.hlines([i * cell_h for i in range(1, grid_h)], 0, width, color="white",
+                linewidth=0.5, alpha=0.6)
     axis.scatter([x + 0.5], [y + 0.5], marker="x", color="red", s=40)
-    axis.set_title(f"query (y={y}, x={x})", fontsize=7)
+    axis.set_title(f"query pixel (y={y}, x={x})", fontsize=7)
     axis.axis("off")
     for head in range(num_heads):
       axis = figure.add_subplot(grid[row, 1 + head])
-      axis.imshow(gray, cmap="gray", extent=extent, interpolation="nearest")
-      axis.imshow(upsampled[row, head], cmap="jet", alpha=0.55, extent=extent,
-                  interpolation="bilinear")
-      axis.scatter([x + 0.5], [y + 0.5], marker="x", color="white", s=25)
-      if row == 0:
-        axis.set_title(f"head {head + 1}", fontsize=7)
+      heads_image = axis.imshow(maps.maps[row, head], cmap="viridis", vmin=0.0, vmax=vmax,
+                                extent=extent, interpolation="nearest")
+      axis.add_patch(Rectangle((cell_x * cell_w, cell_y * cell_h), cell_w, cell_h, fill=False,
+                               edgecolor="red", linewidth=1.2))
+      axis.scatter([x + 0.5], [y + 0.5], marker="x", color="red", s=20)
+      axis.set_title(f"head {head + 1}" if row == 0 else "", fontsize=7)
       axis.axis("off")
-  grid_h, grid_w = maps.grid
-  figure.suptitle(f"{title} | layer {maps.layer} ({grid_h}x{grid_w} attention grid; "
-                  "colours scaled per map)",
-                  fontsize=8, y=1 - 0.35 * header_px / height_px)
+  colour_bar = figure.colorbar(heads_image, cax=figure.add_subplot(grid[:, -1]))
+  colour_bar.ax.axhline(uniform, color="white", linewidth=1.5)
+  colour_bar.ax.axhline(uniform, color="black", linewidth=0.8, linestyle="--")
+  colour_bar.set_ticks([0.0, uniform, vmax],
+                       labels=["0", f"1/{maps.num_keys}\nuniform", f"{vmax:.3g}\nmax"])
+  colour_bar.set_label("attention weight", fontsize=7)
+  colour_bar.ax.tick_params(labelsize=6)
+  truth = "unknown" if label is None else str(label)
+  figure.suptitle(f"{title} | true class {truth}, predicted class {maps.predicted}\n"
+                  f"layer {maps.layer}: {num_heads} heads over a {grid_h}x{grid_w} grid "
+                  f"(L={maps.num_keys} keys, uniform 1/{maps.num_keys} = {uniform:.3g}); "
+                  "one colour scale; red box: the query's cell",
+                  fontsize=8, y=1 - 0.1 * header_px / height_px, va="top")
   return figure
 
 
 def save_attention_figure(loaded: LoadedModel, image: np.ndarray, queries: Sequence[Query],
                           out_path: str, layer: Optional[str] = None,
-                          panel_px: int = 160) -> AttentionMaps:
-  """``attention_maps`` + ``plot_attention`` written as a PNG; returns the maps."""
+                          panel_px: int = 160, label: Optional[int] = None) -> AttentionMaps:
+  """``attention_maps`` + ``plot_attention`` written as a PNG; returns the maps. ``label``:
+  the image's true class, if known."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   maps = attention_maps(loaded, image, queries, layer)
-  figure = plot_attention(image, maps, loaded.description, panel_px)
-  directory = os.path.dirname(os.path.abspath(out_path))
-  os.makedirs(directory, exist_ok=True)
-  figure.savefig(out_path, dpi=figure.dpi)
-  plt.close(figure)
+  figure = plot_attention(image, maps, loaded.description, panel_px, label=label)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  try:
+    figure.savefig(out_path, dpi=figure.dpi)
+  finally:
+    plt.close(figure)
   return maps
 
 
@@ -333,6 +408,8 @@ def _parse_query(text: str) -> Query:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command line; a mistake (bad workdir, image, index, size...) exits with one
+  ``error:`` line on stderr and writes nothing."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="training workdir (newest checkpoint)")
@@ -350,20 +427,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--panel-px", type=int, default=160, help="pixels per panel")
   parser.add_argument("--out", default="attention.png", help="PNG to write")
   args = parser.parse_args(argv)
-  if args.model:
-    loaded = fresh_model(args.model, args.image_size, args.channels)
-  else:
-    loaded = load_trained(args.workdir, args.checkpoint)
-  if args.dataset_index is None and args.image is None:
-    parser.error("give --image or --dataset-index")
-  image = load_image(args.image, args.index, loaded, args.dataset_index)
-  queries = args.query or [(loaded.image_size[0] // 2, loaded.image_size[1] // 2)]
   try:
-    maps = save_attention_figure(loaded, image, queries, args.out, args.layer, args.panel_px)
-  except ValueError as error:
-    parser.error(str(error))
+    for flag in ("image_size", "channels", "panel_px"):
+      if getattr(args, flag) <= 0:
+        raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be a "
+                         "positive integer")
+    if args.dataset_index is None and args.image is None:
+      raise ValueError("give --image or --dataset-index")
+    if args.model:
+      loaded = fresh_model(args.model, args.image_size, args.channels)
+    else:
+      loaded = load_trained(args.workdir, args.checkpoint)
+    image, label = load_labelled_image(args.image, args.index, loaded, args.dataset_index)
+    queries = args.query or [(loaded.image_size[0] // 2, loaded.image_size[1] // 2)]
+    maps = save_attention_figure(loaded, image, queries, args.out, args.layer, args.panel_px,
+                                 label)
+  except (AAFlaxError, ValueError, OSError) as error:
+    raise SystemExit(f"error: {type(error).__name__}: {error}") from None
   print(f"Wrote {args.out}: layer {maps.layer}, {maps.maps.shape[1]} heads over a "
-        f"{maps.grid[0]}x{maps.grid[1]} grid, query pixels {queries} ({loaded.description}).")
+        f"{maps.grid[0]}x{maps.grid[1]} grid, query pixels {queries}, true class "
+        f"{'unknown' if label is None else label}, predicted {maps.predicted} "
+        f"({loaded.description}).")
 
 
 if __name__ == "__main__":

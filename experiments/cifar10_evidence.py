@@ -163,10 +163,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from aa_flax import visualize
     run_name = f"{augmented[0]}_seed{seeds[0]}"
     loaded = visualize.load_trained(os.path.join(args.out, run_name))
-    image = visualize.load_image(loaded=loaded, dataset_index=0)
+    image, label = visualize.load_labelled_image(loaded=loaded, dataset_index=0)
     figure = f"{GROUP}_attention.png"
     maps = visualize.save_attention_figure(loaded, image, [(8, 8), (16, 16), (24, 20)],
-                                           os.path.join(args.docs, "figures", figure))
+                                           os.path.join(args.docs, "figures", figure),
+                                           label=label)
     extra = ["", f"Attention of the trained `{run_name}` (layer `{maps.layer}`, "
              f"{maps.grid[0]}x{maps.grid[1]} grid) on the first test image, per head, for three "
              "query pixels (`python -m aa_flax.visualize`):", "",

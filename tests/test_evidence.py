@@ -67,7 +67,7 @@ def test_evidence_script_end_to_end(tmp_path, capsys):
     assert f"| `{name}` | 0 | 5 | 1 | {100 * result['top1']:.2f} |" in part2
   assert "JPEG q75" in part2 and "figures/project_runs_curves.png" in part2
   with Image.open(docs / "figures" / "cifar10_evidence_attention.png") as figure:
-    assert figure.size == ((1 + 4) * 160, 3 * 160 + 40)  # 4 heads, 3 queries
+    assert figure.size == ((2 + 4) * 160, 3 * 160 + 60)  # 4 heads and a colour bar, 3 queries
   assert (docs / "figures" / "project_runs_curves.png").exists()
 
   # A rerun trains nothing again and rebuilds the same records.

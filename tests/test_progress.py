@@ -3,6 +3,7 @@
 import logging
 import re
 import sys
+import time
 import types
 
 import pytest
@@ -138,3 +139,77 @@ def test_auto_is_bar_in_a_notebook_kernel_and_print_elsewhere(monkeypatch):
 def test_bad_modes_are_named():
   with pytest.raises(ValueError, match=r"progress='bars' is not one of \('auto', 'log'"):
     Progress("bars")
+
+
+def test_heartbeat_thread_writes_while_a_step_blocks(capsys):
+  """The heartbeat promise holds during a step slower than the interval: no call into the
+  progress object happens while it runs, yet lines appear."""
+  progress = Progress("print", interval_s=0.2)
+  with progress.heartbeat():
+    progress.line("Compiling the train step...")
+    time.sleep(0.7)  # compiling: no step yet
+    compiling = _lines(capsys)
+    progress.start_training(0, 10)
+    progress.reset_rate(0)
+    progress.train_step(1, 10, batch_size=4)
+    capsys.readouterr()
+    time.sleep(0.7)  # a slow step
+    stepping = _lines(capsys)
+  assert compiling[0] == "Compiling the train step..."
+  assert len(compiling) >= 2 and all(
+      re.fullmatch(r"still working, \d+ s since: Compiling the train step\.\.\.", line)
+      for line in compiling[1:]), compiling
+  assert stepping and all(re.fullmatch(r"step 1/10: \d+ img/s, ETA [-:0-9]{8}", line)
+                          for line in stepping), stepping
+  time.sleep(0.5)
+  assert _lines(capsys) == []  # the thread ends with the block
+
+
+def test_heartbeat_thread_counts_a_slow_eval_batch(capsys):
+  def slow_batches():
+    yield 1
+    time.sleep(0.7)  # the second batch takes long to arrive
+    yield 2
+
+  progress = Progress("print", interval_s=0.2)
+  with progress.heartbeat():
+    assert list(progress.eval_batches(slow_batches(), num_examples=4, examples_per_batch=2)) \
+        == [1, 2]
+  lines = _lines(capsys)
+  assert "eval: 2/4 examples" in lines and set(lines) <= {"eval: 2/4 examples",
+                                                          "eval: 4/4 examples"}
+
+
+def test_no_heartbeat_thread_without_an_interval_or_in_quiet_modes(capsys):
+  for progress in (Progress("print", interval_s=0), Progress("none", interval_s=0.1)):
+    with progress.heartbeat():
+      time.sleep(0.3)
+  assert _lines(capsys) == []
+
+
+def test_a_training_run_never_stays_silent_longer_than_the_interval(tmp_path):
+  """Compiling, steps, evaluation and checkpoint waits of a real run: the longest gap
+  between two log lines stays near the interval (checked every interval / 4)."""
+  from aa_flax.trainer import train_and_evaluate
+  from train_helpers import tiny_config
+
+  class Times(logging.Handler):
+    def __init__(self):
+      super().__init__()
+      self.times = []
+
+    def emit(self, record):
+      self.times.append(record.created)
+
+  interval, handler, absl_logger = 0.5, Times(), logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.addHandler(handler)
+  absl_logger.setLevel(logging.INFO)
+  try:
+    train_and_evaluate(tiny_config(num_train_steps=3, optimizer__warmup_epochs=0),
+                       str(tmp_path), progress=Progress("log", interval_s=interval))
+  finally:
+    absl_logger.removeHandler(handler)
+    absl_logger.setLevel(level)
+  gaps = [b - a for a, b in zip(handler.times, handler.times[1:])]
+  assert len(handler.times) > 5 and max(gaps) < interval + 1.0, gaps

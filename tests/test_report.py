@@ -2,13 +2,16 @@
 
 import json
 import re
+import subprocess
+import sys
+import types
 
 import pytest
 from PIL import Image
 
 from aa_flax import report, tables
 from aa_flax.config_utils import config_to_dict, load_config, model_overrides
-from train_helpers import REPO_ROOT, tiny_config
+from train_helpers import REPO_ROOT, subprocess_env, tiny_config
 
 
 def test_every_implemented_row_config_trains_the_row_model():
@@ -127,3 +130,60 @@ def test_report_cli_rejects_unknown_table(tmp_path, capsys):
   with pytest.raises(SystemExit):
     report.main(["--tables", "5", "--out", str(tmp_path / "R.md")])
   assert "unknown table(s) [5]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("top1", [0.9833, 1.0])
+def test_curves_keep_top1_within_0_100_and_mark_few_points(tmp_path, top1):
+  records = [{"step": s, "split": "train", "loss": 2.0 / s} for s in (4, 8, 12)]
+  records += [{"step": 12, "split": "eval", "top1": top1, "top5": 1.0}]
+  write_run(tmp_path / "one", tiny_config(), results(top1, 1.0, 12), records)
+  runs, _ = report.find_runs(str(tmp_path / "one"))
+  figure = report.curves_figure(runs)
+  try:
+    loss_axis, top1_axis = figure.axes
+    low, high = top1_axis.get_ylim()
+    assert 0 <= low < 100 * top1 <= high <= 100
+    for axis in (loss_axis, top1_axis):
+      (line,) = axis.get_lines()
+      assert line.get_marker() == "o" and line.get_markersize() >= 5
+  finally:
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+
+
+@pytest.mark.parametrize("case", ["missing folder", "under a file", "a folder"])
+def test_report_out_mistakes_print_one_error_line_and_write_nothing(tmp_path, case):
+  write_run(tmp_path / "runs" / "one", tiny_config(), results(0.5, 0.9, 12))
+  (tmp_path / "notes.txt").write_text("a file")
+  out, expected = {
+      "missing folder": (tmp_path / "missing" / "R.md",
+                         f"its folder {tmp_path / 'missing'} does not exist"),
+      "under a file": (tmp_path / "notes.txt" / "R.md",
+                       f"its folder {tmp_path / 'notes.txt'} is a file, not a folder"),
+      "a folder": (tmp_path / "runs", f"--out={tmp_path / 'runs'} is a folder"),
+  }[case]
+  before = sorted(tmp_path.rglob("*"))
+  result = subprocess.run([sys.executable, "-m", "aa_flax.report", "--tables=1", "--no-flops",
+                           f"--runs={tmp_path / 'runs' / '*'}", f"--out={out}"],
+                          env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: WorkdirError: ") and expected in last, result.stderr
+  assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_tables_and_report_say_what_takes_time_and_show_a_line_per_row(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "aa_flax.tables", "--tables=1"],
+                          env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert lines[0].startswith("Counting parameters and GFLOPs of 4 rows (tables 1).")
+  assert "--no-flops skips it" in lines[0]
+  labels = [row.label for row in tables.table_rows(1) if tables.is_implemented(row)]
+  assert [re.match(r"  table 1, (.*): [\d.]+M params, [\d.]+ GFLOPs \([\d.]+ s\)$", line)[1]
+          for line in lines[1:]] == labels
+  assert "| AA-Wide-ResNet | aa_wrn28_10 |" in result.stdout
+  rows = []
+  report.build_report([], str(tmp_path / "R.md"), (1,), with_flops=False,
+                      progress=types.SimpleNamespace(line=lambda *args: rows.append(args)))
+  assert [args[2] for args in rows] == labels

@@ -1,4 +1,8 @@
-"""Attention-map figures: the right layer, the right query cell and orientation, the PNG."""
+"""Attention-map figures: the right layer, the right query cell and orientation, the PNG (one
+scale, a colour bar, maps at their own resolution), and one-line command-line errors."""
+
+import subprocess
+import sys
 
 import flax
 import jax.numpy as jnp
@@ -7,6 +11,7 @@ import pytest
 from PIL import Image
 
 from aa_flax import visualize
+from train_helpers import subprocess_env, tiny_config
 
 IMAGE_HW = (28, 20)  # H != W; stage 2 strides to 14x10 and pools its attention to 7x5
 
@@ -59,12 +64,6 @@ def test_maps_follow_the_query_cell_on_strided_and_pooled_layers(loaded, layer):
     for head_map in per_head:
       peak = np.unravel_index(np.argmax(head_map), head_map.shape)
       assert peak == (cell_y - 1, cell_x + 1), (layer, cell_y, cell_x, peak)
-  # Upsampled maps cover the whole image; the first query's peak cell is rows 8..11,
-  # columns 8..11 of the image.
-  upsampled = maps.upsampled()
-  assert upsampled.shape == (3, 4, *IMAGE_HW)
-  peak = np.unravel_index(np.argmax(upsampled[0, 0]), IMAGE_HW)
-  assert 8 <= peak[0] < 12 and 8 <= peak[1] < 12
 
 
 def test_figure_png_size_and_default_layer(loaded, tmp_path):
@@ -73,7 +72,36 @@ def test_figure_png_size_and_default_layer(loaded, tmp_path):
                                          panel_px=100)
   assert maps.layer == "stage3_block1/conv1"  # the last AA layer
   with Image.open(out) as png:
-    assert png.size == ((1 + 4) * 100, 2 * 100 + 40)
+    assert png.size == ((2 + 4) * 100, 2 * 100 + 60)
+
+
+def test_figure_draws_each_map_at_its_grid_on_one_shared_scale(loaded):
+  steered = steer(loaded, "stage3_block1/conv1")
+  maps = visualize.attention_maps(steered, image(), [(13, 5), (4, 15)])
+  figure = visualize.plot_attention(image(), maps, "model x", label=7)
+  try:
+    artists = [artist for axis in figure.axes for artist in axis.images]
+    heads = [artist for artist in artists if artist.get_array().shape == (7, 5)]
+    assert len(heads) == 2 * 4 and len(artists) == 2 + 2 * 4  # plus one input per row
+    assert {artist.get_cmap().name for artist in heads} == {"viridis"}
+    # Own resolution (one value per grid cell), no smoothing, cells over the pixels they cover.
+    assert all(artist.get_interpolation() == "nearest" for artist in artists)
+    for artist, expected in zip(heads, maps.maps.reshape(-1, 7, 5)):
+      np.testing.assert_array_equal(artist.get_array(), expected)
+      assert artist.get_extent() == [0, 20, 28, 0]
+    # One scale for the whole figure, from 0 to the largest weight, and its colour bar.
+    assert {artist.get_clim() for artist in heads} == {(0.0, float(maps.maps.max()))}
+    colour_bars = [artist.colorbar for artist in heads if artist.colorbar is not None]
+    assert len(colour_bars) == 1
+    # The uniform level 1/L (L = 7 * 5 keys) is a tick and a line on the colour bar.
+    assert 1 / 35 in colour_bars[0].get_ticks()
+    assert any(np.allclose(line.get_ydata(), 1 / 35) for line in colour_bars[0].ax.lines)
+    title = figure._suptitle.get_text()
+    assert f"true class 7, predicted class {maps.predicted}" in title and "1/35" in title
+    assert 0 <= maps.predicted < 10
+  finally:
+    import matplotlib.pyplot as plt
+    plt.close(figure)
 
 
 def test_bad_layer_query_and_plain_model_are_clear_errors(loaded):
@@ -93,3 +121,45 @@ def test_load_image_fits_files_and_npz_to_the_model(loaded, tmp_path):
   assert fitted.shape == (*IMAGE_HW, 3) and fitted.dtype == np.uint8
   np.savez(tmp_path / "x.npz", images=np.full((2, 8, 8, 3), 7, np.uint8))
   assert visualize.load_image(str(tmp_path / "x.npz"), index=1).shape == (8, 8, 3)
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """A workdir trained for 2 steps (its checkpoint and config.json)."""
+  from aa_flax.trainer import train_and_evaluate
+  workdir = tmp_path_factory.mktemp("trained")
+  train_and_evaluate(tiny_config(num_train_steps=2, optimizer__warmup_epochs=0,
+                                 checkpoint_every_steps=2), str(workdir), progress="none")
+  return workdir
+
+
+@pytest.mark.parametrize("case", ["missing workdir", "no config.json", "dataset index",
+                                  "not an image", "negative size"])
+def test_cli_mistakes_print_one_error_line_and_write_nothing(trained_workdir, tmp_path, case):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "notes.txt").write_text("not an image")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "digit.png")
+  arguments, expected = {
+      "missing workdir": ([f"--workdir={tmp_path / 'nope'}", "--dataset-index=0"],
+                          f"WorkdirError: {tmp_path / 'nope'} does not exist"),
+      "no config.json": ([f"--workdir={tmp_path / 'empty'}", "--dataset-index=0"],
+                         f"WorkdirError: {tmp_path / 'empty' / 'config.json'} not found"),
+      "dataset index": ([f"--workdir={trained_workdir}", "--dataset-index=360"],
+                        "DataError: dataset_index=360 is out of range: the eval split has 360 "
+                        "images (valid: 0 to 359)"),
+      "not an image": ([f"--workdir={trained_workdir}", f"--image={tmp_path / 'notes.txt'}"],
+                       f"DataError: {tmp_path / 'notes.txt'} is not an image file"),
+      "negative size": (["--model=aa_resnet_tiny", "--image-size=-5",
+                         f"--image={tmp_path / 'digit.png'}"],
+                        "--image-size=-5: must be a positive integer"),
+  }[case]
+  before = sorted(p.name for p in trained_workdir.rglob("*"))
+  out = tmp_path / "figures" / "maps.png"
+  result = subprocess.run([sys.executable, "-m", "aa_flax.visualize", *arguments, f"--out={out}"],
+                          env=subprocess_env(1), capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expected in last, result.stderr
+  assert not out.parent.exists()
+  assert sorted(p.name for p in trained_workdir.rglob("*")) == before
