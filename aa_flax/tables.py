@@ -5,7 +5,7 @@
 prints, for each row, the paper's params and GFlops with their confidence mark ([sure]: read
 from the paper; [likely]: from secondary sources or consistent derivations; [unsure]:
 remembered, not confirmed) beside ours and the relative difference. GFLOPs use the "dense"
-convention (padding taps counted, like the paper; see ``aa_flax.metrics``); XLA's own cost
+convention (padding taps counted, like the paper; see ``aa_flax.model_cost``); XLA's own cost
 analysis is printed beside it. A line per row goes to stderr while it counts (GFLOPs are the slow
 part). ``PAPER_ROWS`` also holds the paper's top-1/top-5 (percent),
 which ``aa_flax.report`` sets beside trained runs. Rows whose model is not in the registry
@@ -19,7 +19,7 @@ import dataclasses
 import time
 from typing import Any, Optional, Sequence
 
-from aa_flax.metrics import count_flops, count_params
+from aa_flax.model_cost import count_flops, count_params
 from aa_flax.models import create_model, list_models
 from aa_flax.progress import Progress
 

@@ -11,7 +11,7 @@ import pytest
 
 from aa_flax import kernels
 from aa_flax.layers import AAConv
-from aa_flax.metrics import count_flops, count_params
+from aa_flax.model_cost import count_flops, count_params
 from aa_flax.models import AttentionSettings, create_model, list_models
 from aa_flax.models.common import ATTENTION_SETTING_NAMES, make_aaconv
 from aa_flax.tables import PAPER_ROWS, TABLE_INPUTS, is_implemented, model_params
