@@ -22,7 +22,7 @@ def _parameter_columns(markdown: str) -> list[str]:
 
 
 def test_the_tables_in_the_docs_match_the_parameter_counts_of_the_code():
-  documented = tables.generated_block((REPO_ROOT / "docs" / "TABLES.md").read_text())
+  documented = tables.find_generated_block((REPO_ROOT / "docs" / "TABLES.md").read_text())[1]
   counted = tables.format_tables(sorted(tables.TABLE_INPUTS), with_flops=False)
   assert _parameter_columns(documented) == _parameter_columns(counted)
 
@@ -44,7 +44,7 @@ def test_write_replaces_only_the_generated_block(tmp_path, capsys):
   text = path.read_text()
   assert text.startswith(f"before\n{tables.BLOCK_BEGIN}\n") and text.endswith(
       f"\n{tables.BLOCK_END}\nafter\n")
-  assert tables.generated_block(text) == printed.strip()
+  assert tables.find_generated_block(text)[1] == printed.strip()
   assert "| AA-Wide-ResNet | aa_wrn28_10 |" in printed and "old" not in text
 
 
@@ -55,5 +55,5 @@ def test_write_to_a_file_without_markers_fails_in_one_line_and_leaves_it(tmp_pat
     tables.main(["--tables=1", "--no-flops", f"--write={path}"])
   assert exit_info.value.code == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert err[-1].startswith(f"error: WorkdirError: {path}: no generated block")
+  assert err[-1].startswith(f"error: WorkdirError: {path} has no generated block")
   assert path.read_text() == "no markers here\n"
