@@ -9,7 +9,8 @@ file name of a shipped config (``cifar.py:aa_wrn28_10``; see
 listed in docs/CONFIG.md. Multi-process runs (TPU pods, GPU clusters) call
 ``jax.distributed.initialize`` first; see README, "Devices, GPUs and TPU pods".
 Each invocation appends its wall time and machine to ``<workdir>/run_info.json``.
-Exit status: 0 done; 1 a user error (one line on stderr); 75 preempted by SIGTERM after
+Exit status: 0 done; 1 a user error (one line on stderr; ``AA_FLAX_TRACEBACK=1`` also prints
+its traceback); 75 preempted by SIGTERM after
 writing a checkpoint (rerun the same command to resume).
 """
 
@@ -44,14 +45,13 @@ def _checked_argv(argv: list[str]) -> list[str]:
   """``argv`` with a bare config name made its shipped file's path, after checking the config
   file, its argument and every override key before absl sees them, so that a mistake prints
   one line (with the closest valid names) instead of a traceback."""
-  from aa_flax.errors import ConfigError
+  from aa_flax.errors import ConfigError, exit_with_error
   index, spec, keys = _config_arguments(argv)
   try:
     config_utils.check_override_keys(config_utils.load_config(spec), keys)
     resolved = config_utils.resolve_config_spec(spec)
   except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    exit_with_error(error)
   if index is None:
     return list(argv)
   prefix = "--config=" if argv[index].startswith("--config=") else ""
@@ -119,14 +119,14 @@ def main(argv):
                                   _NUM_PROCESSES.value, _PROCESS_ID.value)
   import aa_flax
   from aa_flax import run_info
-  from aa_flax.errors import AAFlaxError
+  from aa_flax.errors import AAFlaxError, print_error
   from aa_flax.preemption import EXIT_PREEMPTED
   logging.info(_summary(_CONFIG.value, _WORKDIR.value))
   start = time.perf_counter()
   try:
     result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress="log")
   except AAFlaxError as error:
-    print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    print_error(error)
     # Skip interpreter teardown: after a failed save it only adds tracebacks of background
     # writes that orbax abandoned, printed after this error line.
     os._exit(1)

@@ -1,8 +1,14 @@
 """Exceptions for mistakes a user can fix (bad config, bad data, bad workdir).
 
-``train.py`` prints these without a traceback and exits non-zero; library users can catch
-``AAFlaxError`` or the built-in base each one also derives from (``ValueError``, ...).
+``train.py`` and the other command-line tools print these as one line without a traceback
+(``exit_with_error``; ``AA_FLAX_TRACEBACK=1`` shows it) and exit non-zero; library users can
+catch ``AAFlaxError`` or the built-in base each one also derives from (``ValueError``, ...).
 """
+
+import os
+import sys
+import traceback
+from typing import NoReturn
 
 
 class AAFlaxError(Exception):
@@ -35,3 +41,21 @@ class NonFiniteError(AAFlaxError, FloatingPointError):
 
 class VariableMismatchError(AAFlaxError, ValueError):
   """Variables (or a checkpoint) do not belong to the model they are used with."""
+
+
+TRACEBACK_VARIABLE = "AA_FLAX_TRACEBACK"
+
+
+def print_error(error: BaseException) -> None:
+  """One line ``error: <Type>: <message>`` on stderr, after the traceback behind it when the
+  environment sets ``AA_FLAX_TRACEBACK=1`` (what every command-line tool prints on a user
+  error)."""
+  if os.environ.get(TRACEBACK_VARIABLE) == "1":
+    traceback.print_exception(error, file=sys.stderr)
+  print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+
+
+def exit_with_error(error: BaseException, status: int = 1) -> NoReturn:
+  """``print_error(error)``, then exits with ``status``."""
+  print_error(error)
+  sys.exit(status)

@@ -32,7 +32,7 @@ import statistics
 from typing import Any, Optional, Sequence
 
 from aa_flax import config_utils, run_info, tables
-from aa_flax.errors import AAFlaxError, WorkdirError
+from aa_flax.errors import AAFlaxError, WorkdirError, exit_with_error
 from aa_flax.metric_logging import read_records
 from aa_flax.progress import Progress
 from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
@@ -233,30 +233,22 @@ def paper_section(runs: Sequence[Run], table_numbers: Sequence[int], with_flops:
   """Markdown lines of part 1 and the (row, run) pairs it matched; ``progress`` gets a line
   per row."""
   progress = progress or Progress("none")
+  conventions = ("dense",) if with_flops else ()
+  columns = ["model", "config", *tables.count_columns(conventions), "top-1 paper", "ours",
+             "diff", "top-5 paper", "ours", "diff"]
   lines, matched = [], []
   for table in table_numbers:
-    size, classes = tables.TABLE_INPUTS[table]
-    lines += ["", f"### Table {table}: {tables.TABLE_TITLES[table]} ({size}x{size} px, "
-              f"{classes} classes)", "",
-              "| model | config | params paper | ours | diff | GFLOPs paper | ours | diff | "
-              "top-1 paper | ours | diff | top-5 paper | ours | diff |",
-              "|---" * 14 + "|"]
+    lines += ["", f"### {tables.table_heading(table)}", "", tables.markdown_row(columns),
+              "|---" * len(columns) + "|"]
     for row in filter(tables.is_implemented, tables.table_rows(table)):
       cfg = config_utils.config_to_dict(row_config(row))
       row_runs = [run for run in runs if run_matches_row(run, cfg)]
       matched += [_Matched(row, run, recipe_changes(run, cfg)) for run in row_runs]
-      params, gflops = tables.row_counts(row, with_flops, progress)
-      cells = [row.label, f"`{tables.config_spec(row)}`",
-               tables.with_mark(row.params_m, row.params_mark, 2, "M"), f"{params:.3f}M",
-               tables.relative_difference(params, row.params_m)]
-      if with_flops:
-        cells += [tables.with_mark(row.gflops, row.gflops_mark), f"{gflops['dense']:.2f}",
-                  tables.relative_difference(gflops["dense"], row.gflops)]
-      else:
-        cells += [tables.with_mark(row.gflops, row.gflops_mark), "not computed", ""]
+      params, gflops = tables.row_counts(row, with_flops, progress, conventions)
+      cells = [f"`{tables.config_spec(row)}`", *tables.count_cells(row, params, gflops)]
       for run in row_runs or [None]:
-        label = cells[0] if run is None else f"{cells[0]} (run `{run.name}`)"
-        lines.append("| " + " | ".join([label, *cells[1:], *_accuracy_cells(row, run)]) + " |")
+        label = row.label if run is None else f"{row.label} (run `{run.name}`)"
+        lines.append(tables.markdown_row([label, *cells, *_accuracy_cells(row, run)]))
     note = tables.not_implemented_note(table)
     if note:
       lines += ["", note]
@@ -522,29 +514,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       help="comma-separated workdirs or globs (e.g. 'runs/*,/data/aa_r50')")
   parser.add_argument("--out", default="REPRODUCTION.md",
                       help="markdown file to write; figures go to figures/ beside it")
-  parser.add_argument("--tables", default="1,2,3,4,6,7",
-                      help="comma-separated paper tables among 1, 2, 3, 4, 6, 7")
-  parser.add_argument("--no-flops", action="store_true",
-                      help="skip our GFLOPs (the slow part for ImageNet models)")
+  tables.add_table_arguments(parser)
   args = parser.parse_args(argv)
-  try:
-    table_numbers = [int(t) for t in args.tables.split(",")]
-  except ValueError:
-    parser.error(f"--tables must be comma-separated integers, got {args.tables!r}")
-  bad = [t for t in table_numbers if t not in tables.TABLE_INPUTS]
-  if bad:
-    parser.error(f"unknown table(s) {bad}; valid: {sorted(tables.TABLE_INPUTS)}")
   try:
     check_out_path(args.out)
     runs, skipped = find_runs(args.runs)
     command = " ".join(["python -m aa_flax.report",
                         *(argv if argv is not None else sys.argv[1:])])
     progress = Progress("print")
-    tables.announce(table_numbers, not args.no_flops, progress)
-    markdown = build_report(runs, args.out, table_numbers, not args.no_flops, skipped, command,
+    tables.announce(args.tables, not args.no_flops, progress)
+    markdown = build_report(runs, args.out, args.tables, not args.no_flops, skipped, command,
                             progress=progress)
   except AAFlaxError as error:
-    raise SystemExit(f"error: {type(error).__name__}: {error}") from None
+    exit_with_error(error)
   print(markdown)
   print(f"Wrote {args.out}", file=sys.stderr)
 

@@ -1,11 +1,12 @@
 """The paper's tables in one place: every row's numbers, and our parameter and GFLOP counts.
 
-    python -m aa_flax.tables [--tables 1,2,3,4,6,7] [--no-flops]
+    python -m aa_flax.tables [--tables 1,2,3,4,6,7] [--no-flops] [--write docs/TABLES.md]
 
-prints, for each row, the paper's params and GFlops with their confidence mark ([sure]: read
+prints (``--write``: also puts between the markers ``BLOCK_BEGIN`` and ``BLOCK_END`` of a
+markdown file), for each row, the paper's params and GFlops with their confidence mark ([sure]: read
 from the paper; [likely]: from secondary sources or consistent derivations; [unsure]:
 remembered, not confirmed) beside ours and the relative difference. GFLOPs use the "dense"
-convention (padding taps counted, like the paper; see ``aa_flax.metrics``); XLA's own cost
+convention (padding taps counted, like the paper; see ``aa_flax.model_cost``); XLA's own cost
 analysis is printed beside it. A line per row goes to stderr while it counts (GFLOPs are the slow
 part). ``PAPER_ROWS`` also holds the paper's top-1/top-5 (percent),
 which ``aa_flax.report`` sets beside trained runs. Rows whose model is not in the registry
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import time
 from typing import Any, Optional, Sequence
 
-from aa_flax.metrics import count_flops, count_params
+from aa_flax.errors import AAFlaxError, WorkdirError, exit_with_error
+from aa_flax.model_cost import FLOP_CONVENTIONS, count_flops, count_params
 from aa_flax.models import create_model, list_models
 from aa_flax.progress import Progress
 
@@ -198,50 +201,110 @@ def row_counts(row: PaperRow, with_flops: bool, progress: Progress,
   return params, gflops
 
 
+def parse_table_numbers(text: str) -> list[int]:
+  """``'1,3'`` -> ``[1, 3]``; raises ``argparse.ArgumentTypeError`` naming the bad value and
+  the valid tables (the ``--tables`` option of this module and of ``aa_flax.report``)."""
+  try:
+    numbers = [int(t) for t in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"must be comma-separated integers among {sorted(TABLE_INPUTS)}, got {text!r}") from None
+  bad = [t for t in numbers if t not in TABLE_INPUTS]
+  if bad:
+    raise argparse.ArgumentTypeError(f"unknown table(s) {bad}; valid: {sorted(TABLE_INPUTS)}")
+  return numbers
+
+
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+  """``--tables`` (parsed by ``parse_table_numbers``) and ``--no-flops``."""
+  parser.add_argument("--tables", type=parse_table_numbers, default="1,2,3,4,6,7",
+                      help="comma-separated paper tables among 1, 2, 3, 4, 6, 7")
+  parser.add_argument("--no-flops", action="store_true",
+                      help="parameters only (counting GFLOPs is the slow part)")
+
+
+def table_heading(table: int) -> str:
+  """``'Table 1: CIFAR-100, Wide-ResNet-28-10 (32x32 px, 100 classes)'``."""
+  size, classes = TABLE_INPUTS[table]
+  return f"Table {table}: {TABLE_TITLES[table]} ({size}x{size} px, {classes} classes)"
+
+
+def count_columns(conventions: Sequence[str]) -> list[str]:
+  """Column names of ``count_cells`` for GFLOPs in ``conventions`` (none: parameters only)."""
+  columns = ["params paper", "ours", "diff"]
+  if conventions:
+    columns += ["GFLOPs paper", "ours (dense)", "diff"]
+  return columns + [f"ours ({c.upper()})" for c in conventions if c != "dense"]
+
+
+def count_cells(row: PaperRow, params: float, gflops: dict[str, float]) -> list[str]:
+  """The paper's params (and GFLOPs) beside ours (millions; GFLOPs per convention, as
+  ``row_counts`` returns them) and the relative differences."""
+  cells = [with_mark(row.params_m, row.params_mark, 2, "M"), f"{params:.3f}M",
+           relative_difference(params, row.params_m)]
+  if gflops:
+    cells += [with_mark(row.gflops, row.gflops_mark), f"{gflops['dense']:.2f}",
+              relative_difference(gflops["dense"], row.gflops)]
+  return cells + [f"{value:.2f}" for c, value in gflops.items() if c != "dense"]
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+  return "| " + " | ".join(cells) + " |"
+
+
 def format_tables(tables: Sequence[int], with_flops: bool = True,
                   progress: Optional[Progress] = None) -> str:
   """The comparison as markdown, one section per table; ``progress`` gets a line per row."""
   progress = progress or Progress("none")
+  conventions = FLOP_CONVENTIONS if with_flops else ()
+  columns = ["model", "name", *count_columns(conventions)]
   lines = []
   for table in tables:
-    size, classes = TABLE_INPUTS[table]
-    lines += ["", f"Table {table}: {TABLE_TITLES[table]} ({size}x{size} px, {classes} classes)",
-              ""]
-    header = "| model | name | paper params | ours | diff |"
-    rule = "|---|---|---|---|---|"
-    if with_flops:
-      header += " paper GFlops | ours (dense) | diff | ours (XLA) |"
-      rule += "---|---|---|---|"
-    lines += [header, rule]
+    lines += ["", table_heading(table), "", markdown_row(columns), "|---" * len(columns) + "|"]
     for row in filter(is_implemented, table_rows(table)):
-      params, gflops = row_counts(row, with_flops, progress, ("dense", "xla"))
-      line = (f"| {row.label} | {row.model} | {with_mark(row.params_m, row.params_mark, 2, 'M')}"
-              f" | {params:.3f}M | {relative_difference(params, row.params_m)} |")
-      if with_flops:
-        line += (f" {with_mark(row.gflops, row.gflops_mark)} | {gflops['dense']:.2f} | "
-                 f"{relative_difference(gflops['dense'], row.gflops)} | {gflops['xla']:.2f} |")
-      lines.append(line)
+      params, gflops = row_counts(row, with_flops, progress, conventions)
+      lines.append(markdown_row([row.label, row.model, *count_cells(row, params, gflops)]))
     if not_implemented_note(table):
       lines += ["", not_implemented_note(table)]
   return "\n".join(lines)
 
 
+BLOCK_BEGIN = "<!-- begin: generated by python -m aa_flax.tables -->"
+BLOCK_END = "<!-- end: generated by python -m aa_flax.tables -->"
+_BLOCK = re.compile(f"{re.escape(BLOCK_BEGIN)}\n(.*?)\n?{re.escape(BLOCK_END)}", re.S)
+
+
+def find_generated_block(markdown: str, where: str = "the text") -> re.Match:
+  """The generated block of ``markdown``, markers included (``group(1)``: the tables between
+  them); raises ``WorkdirError`` naming ``where`` if it has none."""
+  match = _BLOCK.search(markdown)
+  if match is None:
+    raise WorkdirError(f"{where} has no generated block: a line {BLOCK_BEGIN!r} and, below it, "
+                       f"a line {BLOCK_END!r} mark where the tables go")
+  return match
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--tables", default="1,2,3,4,6,7",
-                      help="comma-separated table numbers among 1, 2, 3, 4, 6, 7")
-  parser.add_argument("--no-flops", action="store_true", help="parameters only (faster)")
+  add_table_arguments(parser)
+  parser.add_argument("--write", metavar="PATH",
+                      help="also put the tables between the markers of this markdown file")
   args = parser.parse_args(argv)
-  try:
-    tables = [int(t) for t in args.tables.split(",")]
-  except ValueError:
-    parser.error(f"--tables must be comma-separated integers, got {args.tables!r}")
-  bad = [t for t in tables if t not in TABLE_INPUTS]
-  if bad:
-    parser.error(f"unknown table(s) {bad}; valid: {sorted(TABLE_INPUTS)}")
   progress = Progress("print")
-  announce(tables, not args.no_flops, progress)
-  print(format_tables(tables, with_flops=not args.no_flops, progress=progress))
+  try:
+    if args.write:  # a file without markers fails before anything is counted
+      with open(args.write) as handle:
+        document = handle.read()
+      block = find_generated_block(document, args.write)
+    announce(args.tables, not args.no_flops, progress)
+    markdown = format_tables(args.tables, with_flops=not args.no_flops, progress=progress)
+    if args.write:
+      with open(args.write, "w") as handle:
+        handle.write(f"{document[:block.start()]}{BLOCK_BEGIN}\n{markdown.strip()}\n"
+                     f"{BLOCK_END}{document[block.end():]}")
+  except (AAFlaxError, OSError) as error:
+    exit_with_error(error)
+  print(markdown)
 
 
 if __name__ == "__main__":

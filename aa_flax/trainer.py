@@ -27,7 +27,7 @@ from etils import epath
 from aa_flax import config_utils, optim, parallel, resolution, storage
 from aa_flax.errors import ConfigError, NonFiniteError, VariableMismatchError, WorkdirError
 from aa_flax.layers import attention_paths_by_stage, recorded_attention_paths
-from aa_flax.metrics import num_elements
+from aa_flax.model_cost import num_elements
 from aa_flax.preemption import PreemptionWatcher
 from aa_flax.progress import Progress, hms
 

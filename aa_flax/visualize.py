@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aa_flax.errors import AAFlaxError, DataError, WorkdirError
+from aa_flax.errors import AAFlaxError, DataError, WorkdirError, exit_with_error
 from aa_flax.layers import AAConv
 
 Query = tuple[int, int]
@@ -443,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     maps = save_attention_figure(loaded, image, queries, args.out, args.layer, args.panel_px,
                                  label)
   except (AAFlaxError, ValueError, OSError) as error:
-    raise SystemExit(f"error: {type(error).__name__}: {error}") from None
+    exit_with_error(error)
   print(f"Wrote {args.out}: layer {maps.layer}, {maps.maps.shape[1]} heads over a "
         f"{maps.grid[0]}x{maps.grid[1]} grid, query pixels {queries}, true class "
         f"{'unknown' if label is None else label}, predicted {maps.predicted} "

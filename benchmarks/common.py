@@ -13,13 +13,12 @@ import ast
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any, Callable, Sequence
 
-import jax
+from aa_flax import run_info
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MIB = 2.0 ** 20
@@ -55,23 +54,13 @@ def add_override_argument(parser: argparse.ArgumentParser, flag: str = "--overri
 
 
 def environment() -> dict[str, Any]:
-  """Device, software versions and the exact command line of this run."""
-  import flax  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  devices = jax.devices()
+  """``run_info.environment()`` (devices, CPU, software versions) with the exact command line
+  of this run and the time."""
   return {
+      **run_info.environment(),
       "command": " ".join([os.path.basename(sys.executable), "-m",
                            _module_name(), *sys.argv[1:]]),
       "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-      "backend": jax.default_backend(),
-      "device_kind": devices[0].device_kind,
-      "device_count": len(devices),
-      "cpu_count": os.cpu_count(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-      "flax": flax.__version__,
-      "optax": optax.__version__,
   }
 
 
@@ -79,11 +68,6 @@ def _module_name() -> str:
   main = sys.modules.get("__main__")
   spec = getattr(main, "__spec__", None)
   return spec.name if spec is not None else os.path.relpath(sys.argv[0])
-
-
-def _jaxlib_version() -> str:
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  return jaxlib.__version__
 
 
 def median_seconds(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:

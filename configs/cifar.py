@@ -5,11 +5,11 @@ Arg: ``<model>[,<dataset>]`` with model in wrn28_10 | aa_wrn28_10 | se_wrn28_10 
 (gather-excite, the parameter-free GE-θ⁻ variant) and dataset
 in cifar100 (default, the paper's table) | cifar10.
 
-Commands (tfds cifar100 prepared as ArrayRecord, see README "Data"):
+Commands (tfds cifar100 prepared as ArrayRecord, see docs/TRAINING.md, "Data"):
   python train.py --config=configs/cifar.py:aa_wrn28_10 --workdir=/tmp/aa_wrn
   python train.py --config=configs/cifar.py:wrn28_10,cifar10 --workdir=/tmp/wrn_c10
 With CIFAR-10 as npz files (``python -m aa_flax.data.convert cifar cifar-10-batches-py
-data/cifar10``, see README "Data"):
+data/cifar10``, see docs/TRAINING.md, "Data"):
   python train.py --config=configs/cifar.py:aa_wrn28_10,cifar10 --workdir=/tmp/aa_wrn_c10 \
     --config.data.name=npz --config.data.train_files=data/cifar10/train.npz \
     --config.data.eval_files=data/cifar10/test.npz

@@ -4,7 +4,7 @@ Command:  python train.py --workdir=/tmp/aa_default
 Model:    aa_resnet_tiny (3 basic-block stages, width 16, CIFAR stem; AAConv with 4 heads and
           relative position encodings in stages 2 and 3).
 Data:     digits, 1,437 train / 360 test images of 8x8x1, no augmentation.
-Expected: >= 97% test top-1 in under 3 minutes on a 2-core CPU (measured: see README).
+Expected: >= 97% test top-1 in under 3 minutes on a 2-core CPU (measured: see docs/TRAINING.md).
 """
 
 from aa_flax.config_utils import base_config

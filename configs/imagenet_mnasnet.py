@@ -5,9 +5,9 @@ Arg: ``<model>[,<placement>]``.
   model: ``mnasnet_<width>`` or ``aa_mnasnet_<width>``, width in 0.75 | 1.0 | 1.25 | 1.4.
   placement (aa_ models only): ``first_stage`` (default: the first augmented stage pools its
          attention input by 2, leaving two layers attending at 28x28) | ``max14`` (every
-         augmented layer pools its attention input to at most 14x14; see README, Table 4).
+         augmented layer pools its attention input to at most 14x14; see docs/TABLES.md).
 
-Commands (imagenet2012 prepared as ArrayRecord, see README "Data"):
+Commands (imagenet2012 prepared as ArrayRecord, see docs/TRAINING.md, "Data"):
   python train.py --config=configs/imagenet_mnasnet.py:aa_mnasnet_1.0 --workdir=/tmp/aa_mnas
   python train.py --config=configs/imagenet_mnasnet.py:aa_mnasnet_1.0,max14 --workdir=/tmp/m14
 

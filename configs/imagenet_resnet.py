@@ -8,7 +8,8 @@ Arg: ``<model>[,<position_encoding>]``.
   position_encoding (AA and FA models only; Table 7): relative (default) | none | sine |
          coordconv.
 
-Commands (imagenet2012 prepared as ArrayRecord in ~/tensorflow_datasets, see README "Data"):
+Commands (imagenet2012 prepared as ArrayRecord in ~/tensorflow_datasets, see
+docs/TRAINING.md, "Data"):
   python train.py --config=configs/imagenet_resnet.py:aa_resnet50 --workdir=/tmp/aa_r50
   python train.py --config=configs/imagenet_resnet.py:aa_resnet34,sine --workdir=/tmp/aa_r34s
   python train.py --config=configs/imagenet_resnet.py:cbam_resnet50 --workdir=/tmp/cbam_r50

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from aa_flax import report, run_info
+from aa_flax import report, run_info, tables
 from aa_flax.config_utils import load_config
 from aa_flax.metric_logging import METRICS_FILE
 from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
@@ -130,8 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--epochs", type=float, default=5.0)
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--eval-batch-size", type=int, default=400)
-  parser.add_argument("--report-tables", default="1,2,3,4,6,7",
-                      help="paper tables in the regenerated report")
+  parser.add_argument("--report-tables", type=tables.parse_table_numbers,
+                      default="1,2,3,4,6,7", help="paper tables in the regenerated report")
   parser.add_argument("--no-flops", action="store_true", help="report without our GFLOPs")
   args = parser.parse_args(argv)
   if args.train_examples % 10 or args.test_examples % 10:
@@ -176,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   command = " ".join(["python -m experiments.cifar10_evidence",
                       *_portable(argv if argv is not None else sys.argv[1:])])
   report.build_report(runs, os.path.join(args.docs, "REPRODUCTION.md"),
-                      [int(t) for t in args.report_tables.split(",")], not args.no_flops,
+                      args.report_tables, not args.no_flops,
                       skipped, command, extra)
   print(f"Wrote {os.path.join(args.docs, 'REPRODUCTION.md')} from {len(runs)} run record(s).")
 

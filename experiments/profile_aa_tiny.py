@@ -37,6 +37,11 @@ from benchmarks import common
 from benchmarks.bench_train import synthetic_training
 
 MODELS = ("resnet_tiny", "aa_resnet_tiny")
+# What an XLA op computes: an AAConv's attention core or the rest of its attention branch (each
+# named after its block, e.g. "stage2_block1 " + CORE), or anything else.
+CORE = "attention core (logits, softmax, AV)"
+BRANCH = "attention branch (pool, qkv, output conv)"
+OTHER = "everything else (convs, BN, head, optimizer)"
 COLUMNS = ("dtype", "model", "gflops", "gb_accessed", "attention_mib", "full_size_arrays",
            "median_ms", "min_ms", "ratio_median", "ratio_min", "attention_core_share",
            "attention_branch_share")
@@ -101,10 +106,10 @@ def _op_categories(hlo_text: str) -> dict[str, str]:
     op_name = op_name or computations.get(calls, "")
     block = re.search(r"(stage\d+_block\d+)", op_name)
     if block and "._attend" in op_name:
-      return f"{block.group(1)} attention core (logits, softmax, AV)"
+      return f"{block.group(1)} {CORE}"
     if block and "._attention_branch" in op_name:
-      return f"{block.group(1)} attention branch (pool, qkv, output conv)"
-    return "everything else (convs, BN, head, optimizer)"
+      return f"{block.group(1)} {BRANCH}"
+    return OTHER
 
   return {name: category(name) for name in metadata}
 
@@ -165,8 +170,8 @@ def main(argv=None):
       cost = compiled.cost_analysis()
       tensors = attention_tensors(models[name], step_args)
       shares[f"{dtype_name} {name}"] = op_time_shares(compiled, step_args)
-      core = sum(v for k, v in shares[f"{dtype_name} {name}"].items() if "core" in k)
-      branch = sum(v for k, v in shares[f"{dtype_name} {name}"].items() if "branch" in k)
+      core = sum(v for k, v in shares[f"{dtype_name} {name}"].items() if k.endswith(CORE))
+      branch = sum(v for k, v in shares[f"{dtype_name} {name}"].items() if k.endswith(BRANCH))
       largest = max((shape for shape, _ in tensors.values()), default=None, key=math.prod)
       rows.append({
           "dtype": dtype_name, "model": name, "gflops": cost["flops"] / 1e9,

@@ -154,3 +154,24 @@ def test_cifar_pickles_as_python_2_and_numpy_wrote_them_load(tmp_path):
   splits = convert.read_cifar_python(str(source))
   np.testing.assert_array_equal(splits["train"]["images"], images[:5])
   np.testing.assert_array_equal(splits["test"]["labels"], [2])
+
+
+@pytest.mark.parametrize("show_traceback", [False, True])
+def test_an_error_is_one_line_and_aa_flax_traceback_adds_the_traceback(tmp_path,
+                                                                      show_traceback):
+  env = subprocess_env(1)
+  env.pop("AA_FLAX_TRACEBACK", None)
+  if show_traceback:
+    env["AA_FLAX_TRACEBACK"] = "1"
+  result = subprocess.run([sys.executable, "-m", "aa_flax.data.convert", "cifar",
+                           str(tmp_path / "missing"), str(tmp_path / "out")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith(f"error: DataError: {tmp_path / 'missing'} is neither")
+  if show_traceback:
+    assert lines[0] == "Traceback (most recent call last):"
+    assert "in read_cifar_python" in result.stderr and len(lines) > 3
+  else:
+    assert len(lines) == 1
+  assert not (tmp_path / "out").exists()

@@ -468,3 +468,25 @@ def test_device_batches_count_waiting_and_raise_host_errors():
       next(batches)
     with pytest.raises(ValueError, match="broken record"):
       next(batches)
+
+
+def test_a_bug_while_reading_npz_files_keeps_its_own_error(tmp_path, monkeypatch):
+  """Only what a damaged archive raises becomes a DataError; anything else (a bug) surfaces."""
+  path = _write_npz(tmp_path / "a.npz", np.zeros((2, 4, 4, 1), np.uint8), np.zeros(2, np.int32))
+
+  def broken_load(*args, **kwargs):
+    raise TypeError("a bug in the reader")
+
+  monkeypatch.setattr(np, "load", broken_load)
+  with pytest.raises(TypeError, match="a bug in the reader"):
+    load_npz_files(path)
+
+
+def test_a_bug_while_opening_a_tfds_dataset_keeps_its_own_error(tmp_path, monkeypatch):
+  def broken_data_source(*args, **kwargs):
+    raise TypeError("a bug in the opener")
+
+  monkeypatch.setattr(tfds, "data_source", broken_data_source)
+  config = _data_config(name="cifar10", tfds_data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(TypeError, match="a bug in the opener"):
+    load_splits(config, seed=0)

@@ -11,13 +11,13 @@ import pytest
 
 from aa_flax import kernels
 from aa_flax.layers import AAConv
-from aa_flax.metrics import count_flops, count_params
+from aa_flax.model_cost import count_flops, count_params
 from aa_flax.models import AttentionSettings, create_model, list_models
 from aa_flax.models.common import ATTENTION_SETTING_NAMES, make_aaconv
 from aa_flax.tables import PAPER_ROWS, TABLE_INPUTS, is_implemented, model_params
 from abstract_models import abstract_variables, flat_params
 
-# Rows whose paper count we do not match within 0.5%, with the reason (see README).
+# Rows whose paper count we do not match within 0.5%, with the reason (see docs/TABLES.md).
 # Table 1 lists 36.3M for the baseline WRN-28-10, but a standard WRN-28-10 on CIFAR-100 has
 # 36.54M (36.5M in docs/SPECIFICATION.md's parameter-count check and in the WRN paper); our
 # SE-WRN is that plus the SE layers; GE-WRN (parameter-free GE-θ⁻) is exactly the WRN count,

@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from aa_flax import tables
 from train_helpers import REPO_ROOT
 
 nbformat = pytest.importorskip("nbformat")
@@ -37,7 +38,13 @@ def test_quickstart_notebook_executes(monkeypatch):
     return "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
 
   outputs = [text(cell) for cell in code_cells]
-  assert any("AA-ResNet-50: ours 25.782M parameters, paper 25.8M [likely]" in o for o in outputs)
+  # Our parameter counts of Table 3's ResNet-50 and AA-ResNet-50 beside the paper's.
+  found = re.findall(r"^(\S+): ours ([0-9.]+)M parameters, paper ([0-9.]+)M",
+                     "".join(outputs), re.M)
+  counts = {label: (float(ours), float(paper)) for label, ours, paper in found}
+  rows = [row for row in tables.table_rows(3) if row.model in ("resnet50", "aa_resnet50")]
+  assert counts == {row.label: (round(tables.model_params(row) / 1e6, 3), row.params_m)
+                    for row in rows}
   assert any("after 15 steps" in o for o in outputs)
   training = next(o for o in outputs if "after 15 steps" in o)
   assert "Compiling the train step" in training and "15/15" in training  # lines and a bar

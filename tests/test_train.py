@@ -31,22 +31,22 @@ from train_helpers import (REPO_ROOT, SHARED_DATA, assert_trees_equal, final_sta
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
-class _Lines(logging.Handler):
+class _Records(logging.Handler):
   def __init__(self):
     super().__init__()
-    self.lines = []
+    self.records = []
 
   def emit(self, record):  # the library's lines (not those of orbax, jax, ...)
     if f"{os.sep}aa_flax{os.sep}" in record.pathname:
-      self.lines.append(record.getMessage())
+      self.records.append(record)
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-  """One uninterrupted 12-step run of the tiny config on digits (8 devices), and its log (a
-  heartbeat line after every step and eval batch: interval 0)."""
+  """One uninterrupted 12-step run of the tiny config on digits (8 devices), and the values of
+  its console lines in order (a heartbeat line after every step and eval batch: interval 0)."""
   workdir = tmp_path_factory.mktemp("digits")
-  console, absl_logger = _Lines(), logging.getLogger("absl")
+  console, absl_logger = _Records(), logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.addHandler(console)
   absl_logger.setLevel(logging.INFO)
@@ -56,7 +56,7 @@ def digits_run(tmp_path_factory):
   finally:
     absl_logger.removeHandler(console)
     absl_logger.setLevel(level)
-  return workdir, result, console.lines
+  return workdir, result, [record.args for record in console.records]
 
 
 def test_digits_end_to_end(digits_run):
@@ -105,33 +105,31 @@ def test_resume_from_middle_checkpoint_matches_uninterrupted(digits_run, tmp_pat
 
 
 def test_console_shows_the_time_waiting_for_data(digits_run):
-  lines = [line for line in digits_run[2] if line.startswith("step ") and " loss " in line]
-  assert len(lines) == 4
-  for line in lines:
-    match = re.search(r"img/s, waiting for data ([0-9.]+) ms/step \(([0-9]+)%\)", line)
-    assert match and 0 <= int(match.group(2)) <= 100, line
+  # The metric lines: step, steps, loss, accuracy, lr, img/s, data wait ms/step and %, ETA.
+  metric_lines = [values for values in digits_run[2] if len(values) == 9]
+  assert [values[:2] for values in metric_lines] == [(3, 12), (6, 12), (9, 12), (12, 12)]
+  for values in metric_lines:
+    assert values[6] >= 0 and 0 <= values[7] <= 100, values
 
 
 def test_console_shows_what_runs_from_the_first_seconds(digits_run):
   """Before step 1: data, model, init and compilation; then a heartbeat after every step (interval
   0 here) and the evaluation's count of examples."""
   console = digits_run[2]
-  assert console[0].startswith("Data digits: 1437 training and 360 eval examples, 10 classes")
-  assert console[1].startswith("Model aa_resnet_tiny: ") and "12 steps of global batch" in \
-      console[1] and "on 8 device(s)" in console[1]
-  assert console[1].endswith("; attention path per stage: stage2: 4x4 xla x1; stage3: 2x2 xla "
-                             "x1.")
-  assert console[2].startswith("Initialising the model's variables")
-  assert console[3].startswith("Compiling the train step")
-  assert re.fullmatch(r"Step 1 done in [0-9.]+ s \(compilation included\); training\.",
-                      console[4])
-  heartbeats = [int(re.match(r"step (\d+)/12: \d+ img/s, ETA [-:0-9]{8}$", line).group(1))
-                for line in console if re.match(r"step \d+/12: ", line)]
-  # One per step, each naming the newest step the device had finished: never decreasing.
-  assert len(heartbeats) == 12 and heartbeats == sorted(heartbeats)
-  assert all(1 <= done <= 12 for done in heartbeats)
-  evals = [line for line in console if line.startswith("eval: ")]
-  assert evals and evals[-1] == "eval: 360/360 examples"
+  data, model, initialising, compiling, first_step = console[:5]
+  assert data == ("digits", 1437, 360, 10, "8x8x1")
+  name, params_m, steps, batch, _, _, devices, attention = model
+  assert (name, steps, batch, devices) == ("aa_resnet_tiny", 12, tiny_config().batch_size, 8)
+  assert params_m > 0 and attention.endswith("stage2: 4x4 xla x1; stage3: 2x2 xla x1")
+  assert initialising == compiling == ()  # events without values
+  assert first_step[0] == 1 and first_step[1] > 0  # step 1 and its seconds
+  # Heartbeats (step, steps, img/s, ETA): one per step, each naming the newest step the device
+  # had finished: never decreasing.
+  heartbeats = [values for values in console[5:] if len(values) == 4 and values[1] == 12]
+  done = [values[0] for values in heartbeats]
+  assert len(done) == 12 and done == sorted(done) and all(1 <= d <= 12 for d in done)
+  assert all(re.fullmatch(r"[-:0-9]{8}", values[3]) for values in heartbeats)
+  assert console[-1][-1] == 360 and (360, 360) in console  # the eval count reaches 360/360
 
 
 def test_resume_on_another_device_count_is_allowed_and_logged(digits_run, tmp_path):

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import sys
 
 import numpy as np
 
-from aa_flax.errors import DataError
+from aa_flax.errors import DataError, exit_with_error
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # name: (train files, test files, label key, label-names file, label-names key)
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
       outputs = {args.name: read_image_folder(args.source, args.size)}
   except DataError as error:
-    sys.exit(f"error: {error}")
+    exit_with_error(error)
   os.makedirs(args.out_dir, exist_ok=True)
   for name, arrays in outputs.items():
     path = os.path.join(args.out_dir, f"{name}.npz")

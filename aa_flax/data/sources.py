@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import zipfile
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -245,6 +246,11 @@ def _check_is_npz(path: str) -> None:
                   "np.savez(path, images=images, labels=labels).")
 
 
+# What a damaged or foreign archive raises from np.load: a bad zip directory, a truncated or
+# corrupt member, a member that is not an .npy array (or a pickled object, refused).
+_NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError)
+
+
 def load_npz_files(spec: str, field: str = "files") -> ArraySource:
   """Loads and concatenates ``images``/``labels`` from comma-separated ``.npz`` paths or globs.
 
@@ -256,16 +262,16 @@ def load_npz_files(spec: str, field: str = "files") -> ArraySource:
     _check_is_npz(path)
     try:
       with np.load(path, allow_pickle=False) as archive:
-        missing = {"images", "labels"} - set(archive.files)
-        if missing:
-          raise DataError(f"{path}: missing array(s) {sorted(missing)}; an npz source needs "
-                          f"'images' (uint8 NHWC) and 'labels' (int); found {archive.files}.")
-        file_images, file_labels = archive["images"], archive["labels"]
-    except DataError:
-      raise
-    except Exception as error:  # noqa: BLE001 - zip, zlib, pickle and format errors alike.
+        found = archive.files
+        arrays = {key: archive[key] for key in ("images", "labels") if key in found}
+    except _NPZ_READ_ERRORS as error:
       raise DataError(f"{path}: cannot be read as an .npz archive "
                       f"({type(error).__name__}: {error}).") from error
+    missing = {"images", "labels"} - set(arrays)
+    if missing:
+      raise DataError(f"{path}: missing array(s) {sorted(missing)}; an npz source needs "
+                      f"'images' (uint8 NHWC) and 'labels' (int); found {found}.")
+    file_images, file_labels = arrays["images"], arrays["labels"]
     validate_arrays(file_images, file_labels, path)
     if images and file_images.shape[1:] != images[0].shape[1:]:
       raise DataError(f"{path}: images have shape {file_images.shape[1:]} (H, W, C) but earlier "
@@ -347,6 +353,13 @@ def prepare_instructions(name: str, data_dir: str) -> str:
           f"  Then train with --config.data.tfds_data_dir={data_dir}.")
 
 
+# What tfds raises for data it cannot open: no prepared version (NotImplementedError: it falls
+# back to a TFRecord reader without random access), TFRecord files only (the same), a
+# dataset_info.json of another version (AssertionError), unreadable or missing files
+# (OSError), an unknown name or split (ValueError).
+_TFDS_OPEN_ERRORS = (NotImplementedError, AssertionError, OSError, ValueError)
+
+
 def _tfds_splits(data_config) -> DatasetSplits:
   import tensorflow_datasets as tfds
   name = data_config.name
@@ -355,18 +368,17 @@ def _tfds_splits(data_config) -> DatasetSplits:
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)  # tfds warns about the folders it probes
+  decoders = {"image": tfds.decode.SkipDecoding()} if name in TFDS_ENCODED_IMAGES else None
   try:
-    decoders = ({"image": tfds.decode.SkipDecoding()} if name in TFDS_ENCODED_IMAGES
-                else None)
     sources = tfds.data_source(name, split=[train_split, eval_split], data_dir=data_dir,
                                download=False, decoders=decoders)
-    builder = tfds.builder(name, data_dir=data_dir)
-    num_classes = builder.info.features["label"].num_classes
-  except Exception as error:  # tfds raises assorted types for missing or TFRecord-only data.
+    info = tfds.builder(name, data_dir=data_dir).info
+  except _TFDS_OPEN_ERRORS as error:
     raise DatasetNotFoundError(f"{_why_not_prepared(name, data_dir, error)}\n"
                                + prepare_instructions(name, data_dir)) from error
   finally:
     absl_logger.setLevel(level)
+  num_classes = info.features["label"].num_classes
   channels = 3
   return DatasetSplits(name=name, train=TfdsSource(sources[0]), eval=TfdsSource(sources[1]),
                        num_classes=data_config.num_classes or num_classes,

@@ -55,7 +55,6 @@ class _ResidualBlock(nn.Module):
 
 class BasicBlock(_ResidualBlock):
   """Two 3x3 convs; the first is augmented in AA models."""
-  expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -68,7 +67,6 @@ class BasicBlock(_ResidualBlock):
 
 class BottleneckBlock(_ResidualBlock):
   """1x1 -> 3x3 (strided, augmented in AA models) -> 1x1 with 4x expansion."""
-  expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
