@@ -432,7 +432,8 @@ def kernel_batches(hlo: str) -> list[int]:
 
 
 @pytest.mark.parametrize("impl,backend,platform,calls", [
-    ("pallas_tpu", "tpu", "tpu", 6), ("pallas", "gpu", "cuda", 39)])
+    ("pallas_tpu", "tpu", "tpu", 6), ("pallas", "gpu", "cuda", 39),
+    ("auto", "tpu", "tpu", 3)])  # "auto" on TPU: the fused path at 14x14 only
 def test_train_step_with_the_batch_sharded_runs_the_kernels_per_device(monkeypatch, impl,
                                                                        backend, platform, calls):
   """Batch 4 sharded over 2 devices: every kernel call, forward and backward, runs on one
