@@ -560,3 +560,39 @@ def test_mesh_in_context_leaves_the_xla_path_train_step_unchanged():
   lowered = [jitted.trace(state, batch).lower().as_text(debug_info=False)
              for jitted in (trainer.jit_train_step(step, sharding, mesh), plain)]
   assert lowered[0] == lowered[1]
+
+
+def test_aa_resnet_tiny_train_step_on_2_devices_with_tpu_path_equals_xla():
+  """``trainer.jit_train_step`` on 2 devices, batch 4 (two images each), the TPU kernels in
+  interpret mode, each device on its 2 images: the loss, updated parameters and batch
+  statistics of the XLA path."""
+  mesh = parallel.create_mesh(jax.devices()[:2])
+  batch = parallel.global_batch(
+      {"image": np.asarray(jax.random.randint(jax.random.key(0), (4, 8, 12, 3), 0, 256),
+                           np.uint8),
+       "label": np.array([0, 2, 1, 2], np.int32)}, mesh)
+  tx = optax.sgd(0.1, momentum=0.9)
+  xla_model = create_model("aa_resnet_tiny", 3, attention_impl="xla")
+  variables = jax.jit(lambda x: xla_model.init(jax.random.key(1), x, train=False))(
+      jnp.zeros((1, 8, 12, 3)))
+  state = jax.device_get(trainer.TrainState(  # on the host: each step donates its own copy
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])))
+  sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+
+  def train_step(impl):
+    step = trainer.make_train_step(
+        create_model("aa_resnet_tiny", 3, attention_impl=impl), tx, optax.constant_schedule(0.1),
+        mean=(127.0,) * 3, std=(64.0,) * 3, dtype=jnp.float32, label_smoothing=0.0, seed=0,
+        skip_nonfinite=False)
+    jitted = trainer.jit_train_step(step, sharding, mesh)
+    call_batches = pallas_call_batches(jax.make_jaxpr(jitted)(state, batch).jaxpr)
+    new_state, metrics = jitted(jax.device_put(state, sharding), batch)
+    return call_batches, (metrics["loss"], new_state.params, new_state.batch_stats)
+
+  (xla_calls, want), (tpu_calls, got) = train_step("xla"), train_step("pallas_tpu")
+  assert not xla_calls and tpu_calls and set(tpu_calls) == {2}
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1:]),
+                          jax.tree.leaves(want[1:])):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
