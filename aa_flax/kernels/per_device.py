@@ -48,8 +48,8 @@ def per_batch_shard(fn: Callable, batched: tuple[jax.Array, ...], shared: tuple 
   if math.prod(sizes.values()) == 1:  # no mesh, one device, or already per device
     return fn(*batched, *shared)
   shards = sizes.get(DATA_AXIS, 1)
-  spec = PartitionSpec(DATA_AXIS) if shards > 1 and batched[0].shape[0] % shards == 0 \
-      else PartitionSpec()
+  divides = shards > 1 and batched[0].shape[0] % shards == 0
+  spec = PartitionSpec(DATA_AXIS) if divides else PartitionSpec()
   in_specs = (spec,) * len(batched) + (PartitionSpec(),) * len(shared)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec,
                        axis_names=frozenset(sizes), check_vma=False)(*batched, *shared)
