@@ -6,11 +6,12 @@ the train state is replicated. Each process feeds only its local share of a glob
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -57,6 +58,21 @@ def create_mesh(devices: list[Any] | None = None) -> Mesh:
   # types: shardings are given explicitly to jit, and the model code stays sharding-agnostic.
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def traced_on(mesh: Mesh, fn: Callable) -> Callable:
+  """``fn`` with ``mesh`` as the mesh in context while jax traces it (for ``jax.jit``).
+
+  What must run per device looks the mesh up while tracing: the fused attention kernels split
+  the batch over ``data`` (:mod:`aa_flax.kernels.per_device`). Other code is traced as without
+  it (the axis is ``Auto``: shardings stay what jit's arguments give).
+  """
+  @functools.wraps(fn)
+  def on_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return on_mesh
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

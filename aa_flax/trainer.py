@@ -127,8 +127,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 def jit_train_step(train_step: Callable, state_sharding, mesh) -> Callable:
   """``train_step`` jitted as a run uses it: the state in ``state_sharding`` and donated, the
-  batch sharded on the mesh's ``data`` axis, the metrics replicated."""
-  return jax.jit(train_step, in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+  batch sharded on the mesh's ``data`` axis, the metrics replicated; traced with the mesh in
+  context (the fused attention kernels run per device on their batch shard)."""
+  return jax.jit(parallel.traced_on(mesh, train_step),
+                 in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                  out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=0)
 
 
@@ -154,6 +156,14 @@ def make_eval_step(model: nn.Module, *, mean, std, dtype) -> Callable:
     }
 
   return eval_step
+
+
+def jit_eval_step(eval_step: Callable, state_sharding, mesh) -> Callable:
+  """``eval_step`` jitted as a run uses it: the state in ``state_sharding``, the batch sharded
+  on the mesh's ``data`` axis, the sums replicated; traced with the mesh in context."""
+  return jax.jit(parallel.traced_on(mesh, eval_step),
+                 in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
+                 out_shardings=parallel.replicated(mesh))
 
 
 def evaluate(eval_step: Callable, state: TrainState, pipeline, mesh,
@@ -463,9 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   new_checkpoints = _missing_local_folders(workdir / CHECKPOINT_DIR)
   storage.check_workdir(workdir, _state_bytes(abstract_state) * (config.keep_checkpoints + 1))
   norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
-  eval_step = jax.jit(make_eval_step(model, **norm),
-                      in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-                      out_shardings=parallel.replicated(mesh))
+  eval_step = jit_eval_step(make_eval_step(model, **norm), state_sharding, mesh)
 
   def checkpoint_state(checkpointer, location: str, step: int | None = None):
     """(restored checkpoint, its state at this run's image size; step: its own or ``step``)."""

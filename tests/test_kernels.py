@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec
 
 from aa_flax import attention, kernels, layers, parallel, trainer
 from aa_flax.kernels import augmented_attention, notices, relative_attention, tpu_attention
@@ -416,8 +417,6 @@ def lowered_train_step(monkeypatch, impl: str, backend: str, platform: str,
 
 
 def test_aa_resnet50_train_step_lowers_for_tpu_with_mosaic_kernels(monkeypatch):
-  """On one chip. With the batch sharded over several devices jax refuses to partition Mosaic
-  kernels (they would need a shard_map): see the next test."""
   hlo = lowered_train_step(monkeypatch, "pallas_tpu", "tpu", "tpu")
   # Forward and both backward kernels, at both map sizes (14x14 and 7x7) of the 13 layers.
   assert set(re.findall(r'kernel_name = "(\w+)"', hlo)) == {
@@ -425,15 +424,175 @@ def test_aa_resnet50_train_step_lowers_for_tpu_with_mosaic_kernels(monkeypatch):
   assert hlo.count("stablehlo.custom_call @tpu_custom_call") == 6
 
 
-def test_tpu_path_does_not_lower_with_the_batch_sharded_over_devices(monkeypatch):
-  """Known limit: the Pallas TPU kernels run only where the train step's mesh is one device."""
-  if jax.device_count() < 2:
-    pytest.skip("needs several (simulated) devices")
-  with pytest.raises(NotImplementedError, match="cannot be automatically partitioned"):
-    lowered_train_step(monkeypatch, "pallas_tpu", "tpu", "tpu", devices=2)
+def kernel_batches(hlo: str) -> list[int]:
+  """The batch each fused kernel call (Mosaic or Triton) of lowered ``hlo`` works on: the
+  leading dimension of its first operand."""
+  return [int(batch) for batch in re.findall(
+      r"custom_call @(?:tpu_custom_call|__gpu\$xla\.gpu\.triton)\(.*\} : \(tensor<(\d+)x", hlo)]
+
+
+@pytest.mark.parametrize("impl,backend,platform,calls", [
+    ("pallas_tpu", "tpu", "tpu", 6), ("pallas", "gpu", "cuda", 39),
+    ("auto", "tpu", "tpu", 3)])  # "auto" on TPU: the fused path at 14x14 only
+def test_train_step_with_the_batch_sharded_runs_the_kernels_per_device(monkeypatch, impl,
+                                                                       backend, platform, calls):
+  """Batch 4 sharded over 2 devices: every kernel call, forward and backward, runs on one
+  device's 2 examples (jax refuses Mosaic kernels outside a shard_map)."""
+  hlo = lowered_train_step(monkeypatch, impl, backend, platform, devices=2)
+  assert kernel_batches(hlo) == [2] * calls
 
 
 def test_aa_resnet50_train_step_lowers_for_cuda_with_triton_kernels(monkeypatch):
   hlo = lowered_train_step(monkeypatch, "pallas", "gpu", "cuda")
   for name in ("forward", "dq", "dkdv"):  # one call per augmented layer each
     assert hlo.count(f'name = "relative_attention_2d_{name}"') == 13
+
+
+def test_eval_step_and_one_image_on_a_mesh_lower_for_tpu(monkeypatch):
+  """On 2 devices: the run's eval step (batch 4) runs the Mosaic kernels on each device's 2
+  examples; one replicated image (which 2 devices cannot split) runs whole on every device.
+  (A model's init needs neither: its forward pass is dead code, dropped before lowering.)"""
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  model = create_model("aa_resnet_tiny", 3, attention_impl="pallas_tpu")
+  mesh = parallel.create_mesh(jax.devices()[:2])
+  replicated = parallel.replicated(mesh)
+
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, 8, 12, 3)), train=False)
+    return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                              batch_stats=variables["batch_stats"], opt_state=())
+
+  state = jax.eval_shape(init, jax.random.key(0))
+  eval_step = trainer.jit_eval_step(
+      trainer.make_eval_step(model, mean=(0.5,) * 3, std=(0.25,) * 3, dtype=jnp.float32),
+      jax.tree.map(lambda _: replicated, state), mesh)
+  batch = {"image": jax.ShapeDtypeStruct((4, 8, 12, 3), jnp.uint8),
+           "label": jax.ShapeDtypeStruct((4,), jnp.int32),
+           "mask": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  eval_hlo = eval_step.trace(state, batch).lower(lowering_platforms=("tpu",)).as_text()
+  assert kernel_batches(eval_hlo) and set(kernel_batches(eval_hlo)) == {2}
+
+  predict = jax.jit(parallel.traced_on(mesh, lambda s, x: model.apply(
+      {"params": s.params, "batch_stats": s.batch_stats}, x, train=False)),
+      in_shardings=(jax.tree.map(lambda _: replicated, state), replicated))
+  one_image = jax.ShapeDtypeStruct((1, 8, 12, 3), jnp.float32)
+  one_hlo = predict.trace(state, one_image).lower(lowering_platforms=("tpu",)).as_text()
+  assert kernel_batches(one_hlo) and set(kernel_batches(one_hlo)) == {1}
+
+
+# ------------------------------------------------------------------ on a mesh of several devices
+
+
+def pallas_call_batches(jaxpr) -> list[int]:
+  """The leading dimension of the first operand of every ``pallas_call`` in ``jaxpr`` and its
+  sub-jaxprs (jit, shard_map, custom VJPs): the batch each kernel call works on."""
+  batches = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      batches.append(eqn.invars[0].aval.shape[0])
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+          batches += pallas_call_batches(getattr(sub, "jaxpr", sub))
+  return batches
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_tpu"])
+@pytest.mark.parametrize("batch,per_device", [(4, 1), (2, 2)])
+def test_kernels_on_a_mesh_run_per_device_and_match_one_device_and_xla(impl, batch,
+                                                                       per_device):
+  """On a mesh of 4 (simulated) devices, in interpret mode: a batch of 4 runs one example per
+  device, a batch of 2 (which 4 devices cannot split) whole on every device; outputs and the
+  gradients of q, k, v and both tables equal the run without a mesh and the XLA path."""
+  mesh = parallel.create_mesh(jax.devices()[:4])
+  args = random_inputs(30 + batch, batch=batch, heads=3, height=3, width=5)
+  sharding = parallel.batch_sharded(mesh) if batch % 4 == 0 else parallel.replicated(mesh)
+  fn = kernels.IMPLEMENTATIONS[impl].fn
+  on_mesh = jax.jit(parallel.traced_on(mesh, outputs_and_grads(fn)),
+                    in_shardings=(sharding,) * 3 + (parallel.replicated(mesh),) * 2)
+  assert set(pallas_call_batches(jax.make_jaxpr(on_mesh)(*args).jaxpr)) == {per_device}
+  assert set(pallas_call_batches(jax.make_jaxpr(outputs_and_grads(fn))(*args).jaxpr)) == {batch}
+  got_out, got = on_mesh(*args)
+  for (want_out, want), atol in ((outputs_and_grads(fn)(*args), 1e-5),
+                                 (xla_outputs_and_grads(*args), 1e-4)):
+    np.testing.assert_allclose(got_out, want_out, atol=atol, rtol=atol)
+    for name, g, w in zip(GRADIENT_NAMES, got, want):
+      np.testing.assert_allclose(g, w, atol=atol, rtol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_tpu"])
+def test_kernels_inside_a_shard_map_run_as_they_are(impl):
+  """Inside the caller's own shard_map over the mesh (batch 16 on 4 devices) the kernels run
+  on the 4 examples each device is given (not split again), with the outputs of the run
+  without a mesh."""
+  mesh = parallel.create_mesh(jax.devices()[:4])
+  args = random_inputs(40, batch=16, heads=1, height=3, width=5)
+  fn = kernels.IMPLEMENTATIONS[impl].fn
+  data, whole = PartitionSpec(parallel.DATA_AXIS), PartitionSpec()
+  mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(data,) * 3 + (whole,) * 2,
+                                 out_specs=data, check_vma=False))
+  assert set(pallas_call_batches(jax.make_jaxpr(mapped)(*args).jaxpr)) == {4}
+  np.testing.assert_allclose(mapped(*args), fn(*args), atol=1e-6, rtol=1e-6)
+
+def test_mesh_in_context_leaves_the_xla_path_train_step_unchanged():
+  """``trainer.jit_train_step`` traces with the mesh in context; on the XLA path that lowers
+  to the program a plain jit with the same shardings lowers to."""
+  model = create_model("aa_resnet_tiny", 3, attention_impl="xla")
+  tx = optax.sgd(0.1, momentum=0.9)
+
+  def init_state(key):
+    variables = model.init(key, jnp.zeros((1, 8, 12, 3)), train=False)
+    return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                              batch_stats=variables["batch_stats"],
+                              opt_state=tx.init(variables["params"]))
+
+  state = jax.eval_shape(init_state, jax.random.key(0))
+  mesh = parallel.create_mesh(jax.devices()[:4])
+  step = trainer.make_train_step(model, tx, optax.constant_schedule(0.1), mean=(0.5,) * 3,
+                                 std=(0.25,) * 3, dtype=jnp.float32, label_smoothing=0.0,
+                                 seed=0, skip_nonfinite=True)
+  sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+  batch = {"image": jax.ShapeDtypeStruct((8, 8, 12, 3), jnp.uint8),
+           "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
+  plain = jax.jit(step, in_shardings=(sharding, parallel.batch_sharded(mesh)),
+                  out_shardings=(sharding, parallel.replicated(mesh)), donate_argnums=0)
+  lowered = [jitted.trace(state, batch).lower().as_text(debug_info=False)
+             for jitted in (trainer.jit_train_step(step, sharding, mesh), plain)]
+  assert lowered[0] == lowered[1]
+
+
+def test_aa_resnet_tiny_train_step_on_2_devices_with_tpu_path_equals_xla():
+  """``trainer.jit_train_step`` on 2 devices, batch 4 (two images each), the TPU kernels in
+  interpret mode, each device on its 2 images: the loss, updated parameters and batch
+  statistics of the XLA path."""
+  mesh = parallel.create_mesh(jax.devices()[:2])
+  batch = parallel.global_batch(
+      {"image": np.asarray(jax.random.randint(jax.random.key(0), (4, 8, 12, 3), 0, 256),
+                           np.uint8),
+       "label": np.array([0, 2, 1, 2], np.int32)}, mesh)
+  tx = optax.sgd(0.1, momentum=0.9)
+  xla_model = create_model("aa_resnet_tiny", 3, attention_impl="xla")
+  variables = jax.jit(lambda x: xla_model.init(jax.random.key(1), x, train=False))(
+      jnp.zeros((1, 8, 12, 3)))
+  state = jax.device_get(trainer.TrainState(  # on the host: each step donates its own copy
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])))
+  sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+
+  def train_step(impl):
+    step = trainer.make_train_step(
+        create_model("aa_resnet_tiny", 3, attention_impl=impl), tx, optax.constant_schedule(0.1),
+        mean=(127.0,) * 3, std=(64.0,) * 3, dtype=jnp.float32, label_smoothing=0.0, seed=0,
+        skip_nonfinite=False)
+    jitted = trainer.jit_train_step(step, sharding, mesh)
+    call_batches = pallas_call_batches(jax.make_jaxpr(jitted)(state, batch).jaxpr)
+    new_state, metrics = jitted(jax.device_put(state, sharding), batch)
+    return call_batches, (metrics["loss"], new_state.params, new_state.batch_stats)
+
+  (xla_calls, want), (tpu_calls, got) = train_step("xla"), train_step("pallas_tpu")
+  assert not xla_calls and tpu_calls and set(tpu_calls) == {2}
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1:]),
+                          jax.tree.leaves(want[1:])):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))

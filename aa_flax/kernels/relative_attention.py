@@ -43,6 +43,9 @@ Memory that grows with the map: q, k, v, the output and the log-sum-exp are kept
 to backward; transiently each pass holds their padded copies and ``A_w``/``A_h`` (float32), and
 the backward also ``dA_w``/``dA_h`` (input dtype): ``O(B·N·HW·(d + Wp + H))``.
 
+On a mesh of several devices the kernels (and their custom VJP) run per device on its batch
+shard (:mod:`aa_flax.kernels.per_device`).
+
 Backends: on GPU the kernels are compiled with the Pallas Triton lowering. On CPU there is no
 compiled Pallas backend, so ``interpret=None`` (the default) runs Pallas interpret mode there:
 exact, but slow, meant for tests and memory accounting. Other backends raise
@@ -63,6 +66,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from aa_flax import attention
 from aa_flax.kernels.notices import say_once
+from aa_flax.kernels.per_device import per_batch_shard
 
 BACKENDS = ("gpu", "cpu")  # compiled on GPU; Pallas interpret mode on CPU
 # Finite stand-in for -inf: keeps exp() at exactly 0 without inf - inf = nan.
@@ -455,4 +459,9 @@ def multihead_attention_2d(
   """
   attention.check_inputs(q, k, v, rel_h, rel_w, relative_method)
   tables = None if rel_h is None else (rel_h, rel_w)
-  return _fused(q, k, v, tables, relative_method, resolve_interpret(interpret))
+  interpret = resolve_interpret(interpret)
+
+  def fused(q, k, v, tables):
+    return _fused(q, k, v, tables, relative_method, interpret)
+
+  return per_batch_shard(fused, (q, k, v), (tables,))

@@ -16,6 +16,9 @@ custom VJP with its own dq and dk/dv kernels) runs it without materialising the
 Memory that grows with the map: ``O(B·N·HW_p·D_p)`` with ``HW_p`` the padded length and
 ``D_p = round_up(max(d_k + H + W, d_v), 128)``.
 
+On a mesh of several devices the kernel call runs per device on its batch shard
+(:mod:`aa_flax.kernels.per_device`).
+
 Backends: compiled on TPU. On CPU the kernels run in Pallas TPU interpret mode (which
 simulates TPU memory on the host): exact and slow, meant for tests. Other backends raise.
 Precision: as on the cuDNN path, ``A_h``/``A_w`` are computed in float32 and rounded to the
@@ -35,6 +38,7 @@ from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 from aa_flax import attention
 from aa_flax.kernels import augmented_attention
 from aa_flax.kernels.notices import say_once
+from aa_flax.kernels.per_device import per_batch_shard
 
 BACKENDS = ("tpu", "cpu")  # compiled on TPU; TPU interpret mode on CPU
 BLOCK = 128  # sequence block of every forward and backward kernel
@@ -138,6 +142,6 @@ def multihead_attention_2d(
   flash = functools.partial(_flash, length=length)
   if resolve_interpret(interpret):
     flash = _interpreted(flash)
-  out = flash(to_bnld(q_aug), to_bnld(k_aug), to_bnld(v))
+  out = per_batch_shard(flash, (to_bnld(q_aug), to_bnld(k_aug), to_bnld(v)))
   out = out[:, :, :length, :value_depth].reshape(batch, heads, height, width, value_depth)
   return out.astype(v.dtype)
