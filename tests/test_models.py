@@ -131,7 +131,8 @@ def test_registry_names_and_errors():
               | {f"{p}mnasnet_{w}" for p in ("", "aa_") for w in ("0.75", "1.0", "1.25", "1.4")}
               | {f"fa_resnet50_{r}" for r in ("0.25", "0.5", "0.75", "1.0")})
   assert required <= names
-  with pytest.raises(ValueError, match="unknown model 'resnet51'.*aa_resnet50"):
+  with pytest.raises(ValueError,
+                     match=r"unknown model 'resnet51'; closest: resnet50\b.*list_models\(\)"):
     create_model("resnet51", 10)
   with pytest.raises(ValueError, match=r"unknown override\(s\) \['widht'\]"):
     create_model("resnet18", 10, widht=8)

@@ -255,7 +255,10 @@ def _strict_json(text: str):
 
 
 def _checkpoint_steps(workdir: Path) -> list[int]:
-  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  """Steps saved in ``workdir``; a failed run removes a ``checkpoints/`` it left empty."""
+  directory = workdir / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
+      if directory.exists() else []
 
 
 @pytest.mark.parametrize("breaks", ["logits", "batch_stats"])
