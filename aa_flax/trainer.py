@@ -253,6 +253,7 @@ class _Run:
   provenance: dict[str, Any]  # saved with every checkpoint: device count, data fingerprint
   is_main: bool
   progress: Progress
+  confirm_lock: Callable[[str], None]  # raises WorkdirError once run.lock is not ours
 
 
 def _num_train_steps(config, steps_per_epoch: float) -> int:
@@ -427,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return restored, _run_once(state_from, variables, jnp.asarray(step, jnp.int32),
                                out_shardings=state_sharding)
 
-  with workdir_lock(workdir), _disk_full_is_a_workdir_error(workdir):
+  with workdir_lock(workdir) as confirm_lock, _disk_full_is_a_workdir_error(workdir):
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                 async_save=config.async_checkpointing)
     try:
@@ -466,7 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    checkpointer=checkpointer, logger=logger, config_dict=config_dict,
                    provenance={"num_devices": jax.device_count(),
                                "data_fingerprint": splits.fingerprint},
-                   is_main=is_main, progress=progress)
+                   is_main=is_main, progress=progress, confirm_lock=confirm_lock)
         return _train_loop(run, state, start_step, extra)
       finally:
         logger.close()
@@ -699,7 +700,8 @@ def _log_train(run: _Run, step: int, window: _MetricWindow, timer: _Timer,
 
 def _save(run: _Run, step: int, state: TrainState, position: int, window: _MetricWindow,
           pending_eval: bool = False) -> int:
-  """Checks the queued steps, then starts saving ``step``; returns ``step``."""
+  """Checks the lock and the queued steps, then starts saving ``step``; returns ``step``."""
+  run.confirm_lock(f"not saving checkpoint step {step}")
   _flush(run, window)
   run.checkpointer.save(step, state, {
       "data_position": position, "metric_window": window.state(),
