@@ -35,3 +35,7 @@ class NonFiniteError(AAFlaxError, FloatingPointError):
 
 class VariableMismatchError(AAFlaxError, ValueError):
   """Variables (or a checkpoint) do not belong to the model they are used with."""
+
+
+class PeerLostError(AAFlaxError, ConnectionError):
+  """Another process of a multi-process job is gone (a collective with it failed)."""

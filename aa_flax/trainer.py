@@ -428,7 +428,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return restored, _run_once(state_from, variables, jnp.asarray(step, jnp.int32),
                                out_shardings=state_sharding)
 
-  with workdir_lock(workdir) as confirm_lock, _disk_full_is_a_workdir_error(workdir):
+  with parallel.peer_loss_is_an_error(), workdir_lock(workdir) as confirm_lock, \
+      _disk_full_is_a_workdir_error(workdir):
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                 async_save=config.async_checkpointing)
     try:

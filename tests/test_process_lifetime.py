@@ -8,8 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import jax
 import pytest
 
+from aa_flax import parallel
+from aa_flax.errors import PeerLostError
 from aa_flax.preemption import EXIT_PREEMPTED
 from train_helpers import REPO_ROOT, run_train_py, subprocess_env, train_py_command
 
@@ -88,3 +91,68 @@ def test_a_clean_run_with_workers_leaks_no_shared_memory(tmp_path):
   run = run_train_py(tmp_path, *WORKERS)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "leaked" not in run.stderr
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def _logged_step(workdir: Path) -> int:
+  metrics = workdir / "metrics.jsonl"
+  lines = metrics.read_text().splitlines() if metrics.exists() else []
+  return max((int(line.split(",")[0].split(":")[1]) for line in lines if line), default=-1)
+
+
+@pytest.mark.long_running
+def test_sigkill_of_one_of_two_processes_stops_the_other_at_once_with_exit_75(tmp_path):
+  """2 processes x 1 CPU device with gloo collectives; the coordination service (in process
+  0) would only notice the dead process 1 after its heartbeat timeout (over a minute)."""
+  killed = 1
+  env = subprocess_env(num_devices=1)
+  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+  port = _free_port()
+  processes = [subprocess.Popen(
+      train_py_command(tmp_path, "--config.num_train_steps=100000",
+                       "--config.log_every_steps=5", "--config.checkpoint_every_steps=20",
+                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                       f"--process_id={i}"),
+      env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  survivor = processes[1 - killed]
+  try:
+    deadline = time.monotonic() + 240
+    while _logged_step(tmp_path) < 10 and time.monotonic() < deadline and \
+        all(p.poll() is None for p in processes):
+      time.sleep(0.1)
+    assert _logged_step(tmp_path) >= 10
+    processes[killed].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    stderr = survivor.communicate(timeout=60)[1]
+    elapsed = time.monotonic() - killed_at
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  assert survivor.returncode == EXIT_PREEMPTED, stderr[-3000:]
+  assert elapsed < 30
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: PeerLostError: Lost another process of this job ("), last
+  assert "[127.0.0.1]:" in last  # the lost peer's address
+
+
+def test_only_a_failed_collective_of_a_multi_process_job_is_a_lost_peer(monkeypatch):
+  gloo = ("UNKNOWN: Gloo AllReduce failed: [external/gloo/gloo/transport/tcp/pair.cc:538] "
+          "Read error [10.0.0.2]:4567: Connection reset by peer")
+  with pytest.raises(ValueError, match="Gloo"), parallel.peer_loss_is_an_error():
+    raise ValueError(gloo)  # one process: no peer to lose
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(PeerLostError) as lost, parallel.peer_loss_is_an_error():
+    raise ValueError(gloo)
+  assert str(lost.value).startswith(
+      "Lost another process of this job (AllReduce with it failed: Read error "
+      "[10.0.0.2]:4567: Connection reset by peer); process 1 stops too.")
+  with pytest.raises(ValueError, match="bad shape"), parallel.peer_loss_is_an_error():
+    raise ValueError("bad shape")
