@@ -55,7 +55,7 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
 # How a collective of the CPU backend (gloo) reports that the process at the other end is
 # gone, e.g. "Gloo AllGather failed: [.../pair.cc:538] Read error [10.0.0.2]:4567:
 # Connection reset by peer".
-_GLOO_FAILURE = re.compile(r"Gloo (?P<op>\w+) failed: (?:\[[^\]]*\] )?(?P<cause>.*)")
+_GLOO_FAILURE = re.compile(r"Gloo (?P<op>[\w-]+) failed: (?:\[[^\]]*\] )?(?P<cause>.*)")
 
 
 @contextlib.contextmanager
