@@ -10,8 +10,8 @@ listed in docs/CONFIG.md. Multi-process runs (TPU pods, GPU clusters) call
 ``jax.distributed.initialize`` first; see README, "Devices, GPUs and TPU pods".
 Each invocation appends its wall time and machine to ``<workdir>/run_info.json``.
 Exit status: 0 done; 1 a user error (one line on stderr; ``AA_FLAX_TRACEBACK=1`` also prints
-its traceback); 75 preempted by SIGTERM after
-writing a checkpoint (rerun the same command to resume).
+its traceback); 75 preempted by SIGTERM after writing a checkpoint, another process of the
+job died, or storage stayed unavailable (rerun the same command to resume).
 """
 
 import logging as python_logging
@@ -119,7 +119,7 @@ def main(argv):
                                   _NUM_PROCESSES.value, _PROCESS_ID.value)
   import aa_flax
   from aa_flax import run_info
-  from aa_flax.errors import AAFlaxError, print_error
+  from aa_flax.errors import AAFlaxError, PeerLostError, print_error
   from aa_flax.preemption import EXIT_PREEMPTED
   logging.info(_summary(_CONFIG.value, _WORKDIR.value))
   start = time.perf_counter()
@@ -128,8 +128,9 @@ def main(argv):
   except AAFlaxError as error:
     print_error(error)
     # Skip interpreter teardown: after a failed save it only adds tracebacks of background
-    # writes that orbax abandoned, printed after this error line.
-    os._exit(1)
+    # writes that orbax abandoned, printed after this error line; with a peer gone, the
+    # shutdown of jax.distributed would wait for the coordination service's timeout.
+    os._exit(EXIT_PREEMPTED if isinstance(error, PeerLostError) else 1)
   run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:
     sys.exit(EXIT_PREEMPTED)

@@ -43,6 +43,10 @@ class VariableMismatchError(AAFlaxError, ValueError):
   """Variables (or a checkpoint) do not belong to the model they are used with."""
 
 
+class PeerLostError(AAFlaxError, ConnectionError):
+  """Another process of a multi-process job is gone (a collective with it failed)."""
+
+
 TRACEBACK_VARIABLE = "AA_FLAX_TRACEBACK"
 
 

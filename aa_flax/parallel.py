@@ -6,18 +6,20 @@ the train state is replicated. Each process feeds only its local share of a glob
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
+import re
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from aa_flax.errors import ConfigError
+from aa_flax.errors import ConfigError, PeerLostError
 
 DATA_AXIS = "data"
 DISTRIBUTED_MODES = ("auto", "on", "off")
@@ -49,6 +51,30 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     return
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
+
+
+# How a collective of the CPU backend (gloo) reports that the process at the other end is
+# gone, e.g. "Gloo AllGather failed: [.../pair.cc:538] Read error [10.0.0.2]:4567:
+# Connection reset by peer".
+_GLOO_FAILURE = re.compile(r"Gloo (?P<op>[\w-]+) failed: (?:\[[^\]]*\] )?(?P<cause>.*)")
+
+
+@contextlib.contextmanager
+def peer_loss_is_an_error() -> Iterator[None]:
+  """Turns a collective that failed because another process is gone into
+  ``PeerLostError`` (naming the peer as the collective saw it), so that the job stops at
+  once instead of when the coordination service gives up on the dead process."""
+  try:
+    yield
+  except (jax.errors.JaxRuntimeError, ValueError) as error:  # jit raises either, by path
+    failure = _GLOO_FAILURE.search(str(error))
+    if failure is None or jax.process_count() == 1:
+      raise
+    cause = failure["cause"].splitlines()[0]
+    raise PeerLostError(
+        f"Lost another process of this job ({failure['op']} with it failed: {cause}); "
+        f"process {jax.process_index()} stops too. Rerun the job to resume from its last "
+        "checkpoint.") from None
 
 
 def create_mesh(devices: list[Any] | None = None) -> Mesh:

@@ -287,6 +287,7 @@ class _Run:
   provenance: dict[str, Any]  # saved with every checkpoint: device count, data fingerprint
   is_main: bool
   progress: Progress
+  confirm_lock: Callable[[str], None]  # raises WorkdirError once run.lock is not ours
 
 
 def _num_train_steps(config, steps_per_epoch: float) -> int:
@@ -484,9 +485,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                out_shardings=state_sharding)
 
   # A failed run leaves no empty folder it created (the checkpoints' only while locked).
-  with _removed_if_left_empty(new_workdir), workdir_lock(workdir), \
-      _removed_if_left_empty(new_checkpoints), _disk_full_is_a_workdir_error(workdir), \
-      progress.heartbeat():
+  with parallel.peer_loss_is_an_error(), _removed_if_left_empty(new_workdir), \
+      workdir_lock(workdir) as confirm_lock, _removed_if_left_empty(new_checkpoints), \
+      _disk_full_is_a_workdir_error(workdir), progress.heartbeat():
     checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
                                 async_save=config.async_checkpointing)
     try:
@@ -524,7 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    checkpointer=checkpointer, logger=logger, config_dict=config_dict,
                    provenance={"num_devices": jax.device_count(),
                                "data_fingerprint": splits.fingerprint},
-                   is_main=is_main, progress=progress)
+                   is_main=is_main, progress=progress, confirm_lock=confirm_lock)
         return _train_loop(run, state, start_step, extra)
       finally:
         logger.close()
@@ -771,8 +772,9 @@ def _log_train(run: _Run, step: int, window: _MetricWindow, timer: _Timer,
 
 def _save(run: _Run, step: int, state: TrainState, position: int, window: _MetricWindow,
           pending_eval: bool = False) -> int:
-  """Checks the queued steps, stores the metric records so far, then starts saving ``step``;
-  returns ``step``."""
+  """Checks the lock and the queued steps, stores the metric records so far, then starts
+  saving ``step``; returns ``step``."""
+  run.confirm_lock(f"not saving checkpoint step {step}")
   _flush(run, window)
   run.logger.flush()  # a resume from this checkpoint finds every record up to it
   run.checkpointer.save(step, state, {

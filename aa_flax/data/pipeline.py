@@ -17,14 +17,23 @@ Batches are made by ``num_threads`` threads, each building whole batches; with
 among them), which scales the per-example Python work with CPU cores. Worker ``k`` of ``N``
 makes batches ``k, k + N, ...`` and they are read back in order, so the batches are the
 same either way.
+
+Worker processes end with the process that started them, even when it is killed (they watch
+its pid); the shared memory that carried their batches is then reclaimed by the resource
+tracker of Python's ``multiprocessing``, which ends with the last of them.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
+import gc
 import math
 import os
 import sys
+import threading
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -160,7 +169,9 @@ class InputPipeline:
       _mark_absl_flags_parsed()
       iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.num_workers,
-          per_worker_buffer_size=max(1, math.ceil(self.prefetch / self.num_workers))))
+          per_worker_buffer_size=max(1, math.ceil(self.prefetch / self.num_workers))),
+          worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+      _release_shared_memory_at_exit()
     return iter(iter_dataset)
 
 
@@ -213,7 +224,44 @@ def _mark_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+PARENT_CHECK_S = 0.5
+
+
+def _exit_with_parent(parent_pid: int, worker_index: int, num_workers: int) -> None:
+  """Runs in each worker process: a thread ends the worker within ``PARENT_CHECK_S`` of
+  its parent's death (a killed trainer cannot stop its workers itself)."""
+  del worker_index, num_workers  # the same for every worker
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(PARENT_CHECK_S)
+    os._exit(1)
+
+  threading.Thread(target=watch, daemon=True, name="aa_flax-exit-with-parent").start()
+
+
 def _close(iterator) -> None:
+  """Closes a grain iterator and frees the batches it still held."""
   close = getattr(iterator, "close", None)
   if close is not None:
     close()
+    _release_shared_memory()
+
+
+def _release_shared_memory() -> None:
+  """Frees the shared memory of the worker batches no longer referenced, now.
+
+  Their arrays release it when deleted, which grain (0.2.x) hands to a background thread;
+  the buffers of a closed iterator are in reference cycles, so they wait for the garbage
+  collector. What is still pending at interpreter exit is reported as leaked.
+  """
+  gc.collect()
+  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+  deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)
+  if deleter is not None:
+    deleter.apply(int)  # one thread, in order: returns once the queued deletions are done
+
+
+@functools.cache
+def _release_shared_memory_at_exit() -> None:
+  atexit.register(_release_shared_memory)
