@@ -7,7 +7,8 @@ listed in docs/CONFIG.md. Multi-process runs (TPU pods, GPU clusters) call
 ``jax.distributed.initialize`` first; see README, "Devices, GPUs and TPU pods".
 Each invocation appends its wall time and machine to ``<workdir>/run_info.json``.
 Exit status: 0 done; 1 a user error (one line on stderr); 75 preempted by SIGTERM after
-writing a checkpoint (rerun the same command to resume).
+writing a checkpoint, or the workdir's storage unavailable for ``config.storage_retry_s``
+(one line; rerun the same command to resume).
 """
 
 import logging as python_logging
@@ -94,7 +95,7 @@ def main(argv):
                                   _NUM_PROCESSES.value, _PROCESS_ID.value)
   import aa_flax
   from aa_flax import run_info
-  from aa_flax.errors import AAFlaxError
+  from aa_flax.errors import AAFlaxError, StorageUnavailableError
   from aa_flax.preemption import EXIT_PREEMPTED
   logging.info(_summary(_CONFIG.value, _WORKDIR.value))
   start = time.perf_counter()
@@ -103,8 +104,8 @@ def main(argv):
   except AAFlaxError as error:
     print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
     # Skip interpreter teardown: after a failed save it only adds tracebacks of background
-    # writes that orbax abandoned, printed after this error line.
-    os._exit(1)
+    # writes that orbax abandoned, printed after this error line. An outage is retryable.
+    os._exit(EXIT_PREEMPTED if isinstance(error, StorageUnavailableError) else 1)
   run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:
     sys.exit(EXIT_PREEMPTED)

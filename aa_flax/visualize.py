@@ -104,6 +104,7 @@ def load_trained(workdir: Optional[str] = None, checkpoint: Optional[str] = None
                  ) -> LoadedModel:
   """The model of a training workdir with the weights of its newest checkpoint, or of
   ``checkpoint`` (``<workdir>/checkpoints/<step>``; the config is ``<workdir>/config.json``).
+  The checkpoint's digest is verified first (``CorruptCheckpointError`` if it differs).
   """
   import json
 
@@ -353,7 +354,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   if args.model:
     loaded = fresh_model(args.model, args.image_size, args.channels)
   else:
-    loaded = load_trained(args.workdir, args.checkpoint)
+    from aa_flax.errors import AAFlaxError
+    try:
+      loaded = load_trained(args.workdir, args.checkpoint)
+    except AAFlaxError as error:  # e.g. a checkpoint whose files differ from its digest
+      raise SystemExit(f"error: {type(error).__name__}: {error}") from None
   if args.dataset_index is None and args.image is None:
     parser.error("give --image or --dataset-index")
   image = load_image(args.image, args.index, loaded, args.dataset_index)

