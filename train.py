@@ -103,8 +103,10 @@ def main(argv):
     result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress="log")
   except AAFlaxError as error:
     print(f"error: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-    # Skip interpreter teardown: after a failed save it only adds tracebacks of background
-    # writes that orbax abandoned, printed after this error line. An outage is retryable.
+    # The error line stays the last: after a failed save, tensorstore threads still report
+    # each write that orbax abandoned ("Event loop is closed"), and interpreter teardown
+    # would add more. An outage is retryable.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
     os._exit(EXIT_PREEMPTED if isinstance(error, StorageUnavailableError) else 1)
   run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:

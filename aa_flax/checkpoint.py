@@ -94,10 +94,12 @@ class Checkpointer:
     self._saving_step: int | None = None
     # Saves always run through orbax's async machinery: it offers the hook that writes the
     # digest between the last write and the commit. A synchronous save then waits.
-    # The directory is created here rather than by orbax (create=True), whose constructor then
-    # holds a barrier: retrying it on one process would mismatch the others' barriers.
+    # The constructor lists the steps, retried through outages; it holds no barrier (orbax's
+    # create=True and save_root_metadata add one each), so a retry on one process cannot
+    # mismatch the other processes' barriers. The directory is created here instead.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=False, enable_async_checkpointing=True,
+        max_to_keep=max_to_keep, create=False, save_root_metadata=False,
+        enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=self._write_digest))
     error = None

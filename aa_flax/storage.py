@@ -35,9 +35,12 @@ from aa_flax.errors import StorageUnavailableError, WorkdirError
 DEFAULT_RETRY_S = 300.0
 _retry_s = DEFAULT_RETRY_S
 # tensorstore reports an HTTP failure as a ValueError naming the response code, e.g.
-# "ABORTED: All 32 retry attempts failed: ... [http_response_code='503']".
+# "ABORTED: All 32 retry attempts failed: ... [http_response_code='503']"; it retries only
+# what it deems transient (5xx, 429, 408, dropped connections: curl errors), so running out
+# of retries is an outage too.
 _TENSORSTORE_TRANSIENT = re.compile(
-    r"http_response_code='(5\d\d|429|408)'|^(UNAVAILABLE|DEADLINE_EXCEEDED):")
+    r"http_response_code='(5\d\d|429|408)'|^(UNAVAILABLE|DEADLINE_EXCEEDED):|"
+    r"^ABORTED: All \d+ retry attempts failed")
 _T = TypeVar("_T")
 
 

@@ -223,8 +223,9 @@ def test_outage_on_the_newest_checkpoint_is_waited_out_or_stops_with_75(emulator
     assert run.returncode == 75, run.stderr[-3000:]
     errors = _error_lines(run.stderr)
     assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
-    assert errors[0].startswith(f"error: StorageUnavailableError: Reading {workdir}/checkpoints/12")
-    assert "503" in errors[0] and "Traceback" not in run.stderr
+    assert errors[0].startswith("error: StorageUnavailableError: ")
+    assert f"{workdir}/checkpoints" in errors[0] and "503" in errors[0]
+    assert "Traceback" not in run.stderr
     assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
 
     proxy.heal()
@@ -265,7 +266,8 @@ def test_outage_during_a_save_stops_with_75_and_the_resume_is_bitwise(emulator, 
   errors = _error_lines(run.stderr)
   assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
   assert errors[0].startswith("error: StorageUnavailableError: ")
-  assert "checkpoints/12" in errors[0] and "Traceback" not in run.stderr
+  assert f"Saving checkpoint step 12 in {workdir}/checkpoints: " in errors[0]
+  assert "Traceback" not in run.stderr
   assert _steps(fs, workdir) == [6] and not fs.exists(f"{workdir}/eval_results.json")
   run = _train_py(env, workdir)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -302,7 +304,67 @@ def test_outage_seen_by_one_of_two_processes_stops_both_with_the_same_line(emula
   assert [p.returncode for p in processes] == [75, 75], outputs[0][-2000:] + outputs[1][-2000:]
   last_lines = [out.strip().splitlines()[-1] for out in outputs]
   assert last_lines[0] == last_lines[1], last_lines
-  assert last_lines[0].startswith("error: StorageUnavailableError: Reading ")
+  assert last_lines[0].startswith("error: StorageUnavailableError: ")
+  assert f"{workdir}/checkpoints" in last_lines[0] and "503" in last_lines[0]
   assert all("Resumed from" not in out and "Traceback" not in out for out in outputs)
   assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
   assert not fs.exists(f"{workdir}/eval_results.json")
+
+
+def test_outage_errors_of_both_clients_are_transient_and_others_are_not(emulator,
+                                                                          monkeypatch):
+  """What gcsfs and tensorstore raise for a 503 is an outage (``storage.is_transient``);
+  a missing object, a local EIO or a parse error is not. ``retrying`` waits an outage out or
+  gives up after ``storage_retry_s`` naming the object."""
+  import errno
+
+  import tensorstore as ts
+  from gcsfs.retry import HttpError
+
+  from aa_flax import storage
+  from aa_flax.errors import StorageUnavailableError
+  env, fs = emulator
+  fs.pipe_file(f"{BUCKET}/classify/a", b"x")
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)
+    store = ts.KvStore.open({"driver": "gcs", "bucket": BUCKET}, context=ts.Context(
+        {"gcs_request_retries": {"max_retries": 2, "initial_delay": "0.01s",
+                                 "max_delay": "0.01s"}})).result()
+    proxy.fail("classify/a", None)
+    with pytest.raises(ValueError) as raised:
+      store.read("classify/a").result(timeout=30)
+  # e.g. "ABORTED: All 2 retry attempts failed: ... [http_response_code='503']"
+  assert "http_response_code='503'" in str(raised.value)
+  assert storage.is_transient(raised.value) and proxy.failed >= 2
+  assert storage.is_transient(HttpError({"code": 503, "message": "backend error"}))
+  assert storage.is_transient(HttpError({"code": 429, "message": "slow down"}))
+  assert storage.is_transient(ConnectionResetError()) and storage.is_transient(TimeoutError())
+  try:  # found through the chain of causes
+    raise RuntimeError("save failed") from HttpError({"code": 502, "message": ""})
+  except RuntimeError as error:
+    assert storage.is_transient(error)
+  for error in (HttpError({"code": 404, "message": "gone"}), FileNotFoundError("a"),
+                OSError(errno.EIO, "I/O error"), ValueError("Error parsing object member"),
+                ValueError("NOT_FOUND: [http_response_code='404']")):
+    assert not storage.is_transient(error), error
+
+  calls = []
+
+  def flaky():
+    calls.append(time.monotonic())
+    if len(calls) < 3:
+      raise HttpError({"code": 503, "message": "injected"})
+    return "read"
+  storage.set_retry_seconds(10)
+  try:
+    assert storage.retrying("Reading gs://b/x", flaky) == "read" and len(calls) == 3
+    storage.set_retry_seconds(0.6)
+    calls.clear()
+    with pytest.raises(StorageUnavailableError, match=r"^Reading gs://b/y: storage unavailable "
+                                                      r"\(HttpError: injected, 503\)"):
+      storage.retrying("Reading gs://b/y", flaky)
+    assert len(calls) >= 2 and calls[-1] - calls[0] < 1.0
+    with pytest.raises(FileNotFoundError):  # not retried
+      storage.retrying("Reading gs://b/z", lambda: calls.append(0) or open("/nonexistent"))
+  finally:
+    storage.set_retry_seconds(storage.DEFAULT_RETRY_S)

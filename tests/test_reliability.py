@@ -523,6 +523,7 @@ def test_disk_full_during_a_save_stops_with_one_line_naming_the_last_checkpoint(
       f"on device). Last complete checkpoint: {checkpoints / '10'}. Fix the cause (e.g. free "
       "space) and rerun to resume from it.")
   assert report["stderr"].count("error: WorkdirError") == 1
+  assert "Traceback" not in report["stderr"], report["stderr"][-6000:]
   records = [json.loads(line) for line in report["metrics"].splitlines()]
   assert max(r["step"] for r in records) < 30  # stopped before the next save, not after it
   assert all(r["split"] == "train" for r in records)
