@@ -300,7 +300,11 @@ def test_outage_seen_by_one_of_two_processes_stops_both_with_the_same_line(emula
                          f"--process_id={i}"),
         env=_through(env, proxy), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True) for i, proxy in enumerate((clean, failing))]
-    outputs = [p.communicate(timeout=300)[1] for p in processes]
+    try:
+      outputs = [p.communicate(timeout=300)[1] for p in processes]
+    finally:
+      for process in processes:
+        process.kill()
   assert [p.returncode for p in processes] == [75, 75], outputs[0][-2000:] + outputs[1][-2000:]
   last_lines = [out.strip().splitlines()[-1] for out in outputs]
   assert last_lines[0] == last_lines[1], last_lines
