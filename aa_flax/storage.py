@@ -30,7 +30,7 @@ from typing import Any, Callable, TypeVar
 from absl import logging
 from etils import epath
 
-from aa_flax.errors import StorageUnavailableError, WorkdirError
+from aa_flax.errors import AAFlaxError, StorageUnavailableError, WorkdirError
 
 DEFAULT_RETRY_S = 300.0
 _retry_s = DEFAULT_RETRY_S
@@ -75,6 +75,8 @@ def is_transient(error: BaseException) -> bool:
   pass: worth retrying, never evidence of damaged data."""
   seen = set()
   while error is not None and id(error) not in seen:
+    if isinstance(error, AAFlaxError):  # already decided (e.g. retried and given up)
+      return False
     if _is_transient_one(error):
       return True
     seen.add(id(error))

@@ -162,6 +162,7 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
   run = _train_py(env, RUN)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "Checkpoint step 12 is unreadable (DigestMismatchError" in run.stderr
+  assert "Traceback" not in run.stderr and "moveTo" not in run.stderr  # the move: one line
   assert f"Resumed from {RUN}/checkpoints/6 (step 6)" in run.stderr
   quarantined = fs.ls(f"{RUN}/corrupt_checkpoints")
   assert len(quarantined) == 1 and quarantined[0].rsplit("/", 1)[1].startswith("12-")
