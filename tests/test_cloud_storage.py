@@ -281,20 +281,22 @@ def test_outage_during_a_save_stops_with_75_and_the_resume_is_bitwise(emulator, 
 
 
 @pytest.mark.long_running
+@pytest.mark.parametrize("objects", ["step", "state"])
 def test_outage_seen_by_one_of_two_processes_stops_both_with_the_same_line(emulator,
-                                                                          finished_run):
+                                                                          finished_run, objects):
   """Two processes on one gs:// workdir, each through its own proxy; only process 1's proxy
-  fails the newest step. Process 0 chooses step 12; process 1 cannot read it for longer than
-  config.storage_retry_s: both stop with exit 75 and the same line (not one on step 12 and
-  the other on step 6)."""
+  fails the newest step (all of it: process 1 cannot even list the steps; or its train state
+  only: process 0 restores it, process 1 cannot) for longer than config.storage_retry_s:
+  both stop with exit 75 and the same line (not one on step 12 and the other on step 6)."""
   env, fs = emulator
-  workdir = _copy_run(fs, finished_run, "outage_two")
+  workdir = _copy_run(fs, finished_run, f"outage_two_{objects}")
   fs.rm_file(f"{workdir}/eval_results.json")
   env = {**env, **subprocess_env(num_devices=1), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
   port = _free_port()
   with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as clean, \
       FaultProxy(env["STORAGE_EMULATOR_HOST"]) as failing:
-    failing.fail("outage_two/checkpoints/12/", None)
+    failing.fail(f"outage_two_{objects}/checkpoints/12/{'state/' if objects == 'state' else ''}",
+                 None)
     processes = [subprocess.Popen(
         train_py_command(workdir, "--config.storage_retry_s=2",
                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
