@@ -76,6 +76,17 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= logging.converter.STANDARD_WARNING
 
 
+def _without_closed_loop_reports(previous_hook):
+  """A ``sys.unraisablehook`` that drops "Event loop is closed" reports: when a save fails,
+  orbax closes its event loop while tensorstore still completes the other writes, and
+  tensorstore reports each one (the run ends with its own one-line error)."""
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous_hook(unraisable)
+  return hook
+
+
 def _summary(config, workdir: str) -> str:
   """One line on what this run trains (the whole config goes to <workdir>/config.json)."""
   length = (f"{config.num_train_steps} steps" if config.num_train_steps > 0
@@ -88,6 +99,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
   # jax reports at INFO each accelerator plugin it does not find (e.g. no TPU on a GPU host).
   python_logging.getLogger("jax._src.xla_bridge").setLevel(python_logging.WARNING)
   from aa_flax import parallel
