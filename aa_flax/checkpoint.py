@@ -251,20 +251,12 @@ class Checkpointer:
     return storage.retrying(f"Listing {self.directory}", reload)
 
   def _read_json_items(self, step: int) -> dict[str, Any]:
-    """``{'config', 'extra'}`` of a step; ``CorruptCheckpointError`` if they do not parse.
-    Read by orbax's item handler: unlike the manager's restore, it holds no barrier, so one
-    process can read alone."""
-    step_dir = self.step_path(step)
-    handler = self._ocp.JsonCheckpointHandler()
-    return {name: _read_item(step_dir, lambda name=name: handler.restore(step_dir / name))
-            for name in ("config", "extra")}
+    return _read_json_items(self.step_path(step))
 
   def _read_state(self, step: int, abstract_state: Any) -> Any:
     try:
-      return storage.retrying(
-          f"Reading checkpoint {self.step_path(step)}", _quietly, self.manager.restore, step,
-          args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract_state))
-      )["state"]
+      return storage.retrying(f"Reading checkpoint {self.step_path(step)}", _restore_state,
+                              self.step_path(step), abstract_state)
     except StorageUnavailableError:
       raise
     except Exception as error:  # noqa: BLE001 - the step's files match their digest
@@ -293,12 +285,9 @@ class Checkpointer:
       metadata = _state_metadata(step_dir)
       saved = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
                                                              sharding=sharding), metadata)
-      args = self._ocp.args
-      with self._ocp.CheckpointManager(step_dir.parent) as manager:
-        result = _read_item(step_dir, lambda: manager.restore(step, args=args.Composite(
-            state=args.StandardRestore(saved), extra=args.JsonRestore(),
-            config=args.JsonRestore())))
-      restored = Restored(step, result["state"], result["extra"], result["config"], step_dir)
+      state = _read_item(step_dir, lambda: _restore_state(step_dir, saved))
+      items = _read_json_items(step_dir)
+      restored = Restored(step, state, items["extra"], items["config"], step_dir)
     except Exception as failure:  # noqa: BLE001 - shared with the other processes below
       error = failure
     _agree(error)
@@ -349,6 +338,27 @@ def _read_item(step_dir: epath.Path, read: Callable[[], Any]) -> Any:
   except Exception as error:  # noqa: BLE001 - orbax and tensorstore parse errors vary
     raise CorruptCheckpointError(f"Checkpoint {step_dir} is corrupt: its metadata does not "
                                  f"parse ({_first_line(error)}).") from error
+
+
+# Items are read through orbax's item handlers: unlike the manager's and the checkpointers'
+# restore they hold no barrier, so a process can read (and retry) on its own.
+def _read_json_items(step_dir: epath.Path) -> dict[str, Any]:
+  """``{'config', 'extra'}`` of a step; ``CorruptCheckpointError`` if they do not parse."""
+  import orbax.checkpoint as ocp
+  handler = ocp.JsonCheckpointHandler()
+  return {name: _read_item(step_dir, lambda name=name: handler.restore(step_dir / name))
+          for name in ("config", "extra")}
+
+
+def _restore_state(step_dir: epath.Path, abstract_state: Any) -> Any:
+  """The ``state`` item restored as ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves
+  with shardings)."""
+  import orbax.checkpoint as ocp
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
+  finally:
+    handler.close()
 
 
 def _state_metadata(step_dir: epath.Path) -> Any:

@@ -5,8 +5,8 @@
 server, then:
 
 * ``proxy.fail(pattern, seconds)``: requests whose target matches ``pattern`` (a regular
-  expression, searched) get ``503 Service Unavailable`` for the next ``seconds`` (``None``:
-  until ``heal``). The target is the request line's path and query, URL-decoded, followed by
+  expression, searched) get ``503 Service Unavailable`` for ``seconds`` counted from the
+  first such request (``None``: until ``heal``). The target is the request line's path and query, URL-decoded, followed by
   the first 4 KiB of the request body: object names are found in download and metadata paths
   (``/o/run/checkpoints/30/...``), listing prefixes (``?prefix=run/checkpoints/``) and the
   JSON part of multipart uploads (``"name": "run/commit_success.txt"``) alike.
@@ -38,7 +38,7 @@ class FaultProxy:
     parsed = urllib.parse.urlsplit(upstream)
     self._upstream = (parsed.hostname, parsed.port)
     self._lock = threading.Lock()
-    self._failures: list[tuple[re.Pattern, float]] = []
+    self._failures: list[list] = []  # [pattern, seconds, end time once it began]
     self._delays: list[tuple[re.Pattern, float]] = []
     self.failed = 0
     proxy = self
@@ -107,11 +107,10 @@ class FaultProxy:
     self._thread.start()
 
   def fail(self, pattern: str, seconds: float | None) -> None:
-    """Answers 503 to requests matching ``pattern`` for ``seconds`` from now (None: until
-    ``heal``)."""
-    until = float("inf") if seconds is None else time.monotonic() + seconds
+    """Answers 503 to requests matching ``pattern`` for ``seconds`` from the first one
+    (None: until ``heal``)."""
     with self._lock:
-      self._failures.append((re.compile(pattern), until))
+      self._failures.append([re.compile(pattern), seconds, None])
 
   def delay(self, seconds: float, pattern: str = ".") -> None:
     """Holds every request matching ``pattern`` for ``seconds`` before forwarding it."""
@@ -125,8 +124,15 @@ class FaultProxy:
 
   def _should_fail(self, target: str) -> bool:
     now = time.monotonic()
+    hit = False
     with self._lock:
-      hit = any(until > now and pattern.search(target) for pattern, until in self._failures)
+      for failure in self._failures:
+        pattern, seconds, until = failure
+        if not pattern.search(target):
+          continue
+        if until is None:  # the outage begins
+          until = failure[2] = float("inf") if seconds is None else now + seconds
+        hit = hit or until > now
       self.failed += hit
     return hit
 

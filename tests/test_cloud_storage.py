@@ -177,7 +177,7 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
 
 # --- storage outages ----------------------------------------------------------------------
 
-GCSFS_GIVES_UP_S = 38  # an outage that outlasts gcsfs's own retries (about 31 to 37 s)
+GCSFS_GIVES_UP_S = 40  # an outage that outlasts gcsfs's own retries (about 31 to 37 s)
 
 
 def _through(env, proxy: FaultProxy) -> dict:
