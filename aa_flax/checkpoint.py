@@ -273,14 +273,14 @@ class Checkpointer:
     ``sharding``. For evaluation-only runs, fine-tuning and moving a checkpoint to another
     image size (``aa_flax.resolution``). Process 0 verifies; every process reads; an error
     is raised on every process with the same message. Nothing is moved."""
-    step_dir, step = _step_directory(location)
-    error, restored = None, None
+    step_dir, error, restored = storage.path(location), None, None
     if jax.process_index() == 0:
       try:
-        verify(step_dir)
+        verify(_step_directory(location)[0])
       except Exception as failure:  # noqa: BLE001 - shared with the other processes below
         error = failure
     _agree(error)
+    step = int(step_dir.name)  # checked by process 0
     try:
       metadata = _state_metadata(step_dir)
       saved = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
@@ -366,8 +366,11 @@ def _state_metadata(step_dir: epath.Path) -> Any:
   import orbax.checkpoint as ocp
 
   def read():
-    with ocp.PyTreeCheckpointer() as reader:
-      metadata = reader.metadata(step_dir / "state").item_metadata
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      metadata = handler.metadata(step_dir / "state")
+    finally:
+      handler.close()
     if metadata is None:
       raise ValueError("no tree metadata")
     return metadata
