@@ -7,8 +7,16 @@ window, ...) and ``config`` (JSON: the run's config), plus ``aa_flax_digest.json
 (``integrity``), written once every process has written its part and before orbax commits
 the step. orbax writes a step into a temporary directory and renames it when complete (on
 object stores it writes a commit marker last), so a run killed mid-save leaves no half-written
-step behind. A complete step that cannot be read, or whose files differ from its digest, is
-moved to ``<workdir>/corrupt_checkpoints/`` and the previous step is used instead.
+step behind.
+
+Every read of a checkpoint (resume, eval-only, fine-tuning, the tools) is a verified read:
+the files are checked against the digest first, then restored. A step that is provably
+damaged (files that differ from the digest, a missing or unreadable digest, metadata that does
+not parse) is moved to ``<workdir>/corrupt_checkpoints/`` and a resume uses the previous step.
+A storage outage is not damage: reads and writes are retried (``storage.retrying``) and, if
+the storage stays unavailable, ``StorageUnavailableError`` ends the run with nothing moved.
+In a multi-process job process 0 verifies and chooses the step (and alone moves damaged ones);
+every process restores that step, or all stop with the same error.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from aa_flax import integrity, storage
-from aa_flax.errors import ConfigMismatchError, WorkdirError
+from aa_flax import errors, integrity, storage
+from aa_flax.errors import (AAFlaxError, ConfigMismatchError, CorruptCheckpointError,
+                            StorageUnavailableError, WorkdirError)
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -41,15 +50,17 @@ class Restored:
   path: epath.Path
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
-  text = str(error).strip().splitlines()
-  return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
+_first_line = storage.first_line
+_MESSAGE_BYTES = 4096  # an error shared between processes: "<type name>\n<message>", UTF-8
+# orbax notices that say nothing to a user: the type handler replaced below, and the missing
+# step metadata when an item directory (``<step>/state``) is read on its own.
+_MUTED_NOTICES = ("overriding", "Metadata file does not exist")
 
 
 def _quietly(function: Callable, *args, **kwargs) -> Any:
-  """Calls ``function`` with orbax's warnings about the type handler it replaces muted."""
+  """Calls ``function`` with orbax's notices in ``_MUTED_NOTICES`` muted."""
   def not_an_override_notice(record) -> bool:
-    return "overriding" not in str(record.msg)
+    return not any(notice in str(record.msg) for notice in _MUTED_NOTICES)
   absl_logger = python_logging.getLogger("absl")
   absl_logger.addFilter(not_an_override_notice)
   try:
@@ -62,8 +73,9 @@ class Checkpointer:
   """Saves and restores ``(state, extra, config)`` under ``<workdir>/checkpoints``.
 
   Saves are asynchronous (when ``async_save``); ``wait()`` blocks until they are committed.
-  A failed save raises ``WorkdirError`` from ``save``, ``wait`` or ``check_for_errors``.
-  Every process must call ``save``/``restore`` together (orbax writes collectively).
+  A failed save raises ``WorkdirError`` (``StorageUnavailableError`` for an outage) from
+  ``save``, ``wait`` or ``check_for_errors``. Every process must call ``save``/``restore``
+  together (orbax writes collectively).
   """
 
   def __init__(self, workdir: epath.Path, *, max_to_keep: int, async_save: bool = True):
@@ -75,24 +87,38 @@ class Checkpointer:
       # save of a state over simulated devices. CPU devices share one disk, so nothing is lost.
       _quietly(ocp.type_handlers.register_type_handler, jax.Array,
                ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    _bound_tensorstore_retries(storage.retry_seconds())
     self.workdir = workdir
     self.directory = workdir / CHECKPOINT_DIR
     self._async_save = async_save
     self._saving_step: int | None = None
     # Saves always run through orbax's async machinery: it offers the hook that writes the
     # digest between the last write and the commit. A synchronous save then waits.
+    # The constructor lists the steps, retried through outages; it holds no barrier (orbax's
+    # create=True and save_root_metadata add one each), so a retry on one process cannot
+    # mismatch the other processes' barriers. The directory is created here instead.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+        max_to_keep=max_to_keep, create=False, save_root_metadata=False,
+        enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=self._write_digest))
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    error = None
+    try:
+      storage.retrying(f"Creating {self.directory}", self.directory.mkdir, parents=True,
+                       exist_ok=True)
+      self.manager = storage.retrying(f"Listing {self.directory}", ocp.CheckpointManager,
+                                      self.directory, options=options)
+    except Exception as failure:  # noqa: BLE001 - shared with the other processes below
+      error = failure
+    _agree(error)
 
   def _write_digest(self) -> None:
     """orbax calls this on process 0 after every process wrote its part, before the commit."""
     from orbax.checkpoint.path import atomicity_types
     step = self._saving_step
     temporary = self.directory / f"{step}{atomicity_types.TMP_DIR_SUFFIX}"
-    integrity.write_digest(temporary if temporary.exists() else self.step_path(step))
+    exists = storage.retrying(f"Reading {temporary}", temporary.exists)
+    integrity.write_digest(temporary if exists else self.step_path(step))
 
   def save(self, step: int, state: Any, extra: dict[str, Any], config: dict[str, Any]) -> None:
     """Starts writing step ``step`` (a no-op if that step already exists)."""
@@ -127,7 +153,11 @@ class Checkpointer:
     if finished:
       self.wait()
 
-  def _save_error(self, step: int | None, error: Exception) -> WorkdirError:
+  def _save_error(self, step: int | None, error: Exception) -> AAFlaxError:
+    if isinstance(error, AAFlaxError):  # raised by the digest hook (storage.retrying)
+      return error
+    if storage.is_transient(error):  # tensorstore and gcsfs retried it already
+      return storage.unavailable(f"Saving checkpoint step {step} in {self.directory}", error)
     self.manager.reload()  # what is on disk now
     complete = [s for s in self.manager.all_steps() if s != step]
     last = str(self.step_path(max(complete))) if complete else "none"
@@ -153,118 +183,258 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any,
                      check_resume: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
                      ) -> Restored | None:
-    """Restores the newest usable step, or returns ``None`` when there is none.
+    """Restores the newest intact step, or returns ``None`` when there is none.
 
     ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings.
-    ``check_resume(saved_config, saved_extra)`` runs before the state is read and may raise
-    (e.g. ``ConfigMismatchError``); such errors propagate. A step whose files differ from its
-    digest or cannot be read is reported and, once an older step restores, moved to
-    ``corrupt_checkpoints/``. An intact step (digest verified) whose state does not fit
-    ``abstract_state`` raises ``ConfigMismatchError``. If no step can be read, raises
-    ``WorkdirError`` listing every failure and moves nothing.
+    Process 0 chooses the step: the newest whose files match its digest; newer ones that are
+    provably damaged are moved to ``corrupt_checkpoints/``. ``check_resume(saved_config,
+    saved_extra)`` runs on the chosen step before its state is read and may raise (e.g.
+    ``ConfigMismatchError``). Every process then restores that step. An intact step whose
+    state does not fit ``abstract_state`` raises ``ConfigMismatchError``; if steps exist but
+    none is intact, ``WorkdirError`` lists them and nothing is moved. Storage outages are
+    retried, then raise ``StorageUnavailableError`` (nothing moved). Any error is raised on
+    every process with the same message.
     """
-    failures: list[tuple[int, Exception]] = []
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    chosen, error = None, None
+    if jax.process_index() == 0:
       try:
-        verified = self._verify(step)
-        saved = self._restore_items(step, config=self._ocp.args.JsonRestore(),
-                                    extra=self._ocp.args.JsonRestore())
-      except Exception as error:  # noqa: BLE001 - any read failure means an unusable step.
-        self._report_unusable(step, error, failures)
+        chosen = self._choose_step(check_resume)
+      except Exception as failure:  # noqa: BLE001 - shared with the other processes below
+        error = failure
+    _agree(error)
+    chosen = _broadcast_step(chosen)
+    if chosen is None:
+      return None
+    restored = None
+    try:
+      if jax.process_index() != 0:
+        self._reload()  # process 0 may have moved damaged steps away
+      saved = self._read_json_items(chosen)
+      state = self._read_state(chosen, abstract_state)
+      restored = Restored(chosen, state, saved["extra"], saved["config"],
+                          self.step_path(chosen))
+    except Exception as failure:  # noqa: BLE001 - shared with the other processes below
+      error = failure
+    _agree(error)
+    return restored
+
+  def _choose_step(self, check_resume) -> int | None:
+    """The newest intact step (process 0 alone); moves damaged newer ones away."""
+    damaged: list[tuple[int, Exception]] = []
+    for step in sorted(self._reload(), reverse=True):
+      try:
+        self._verify(self.step_path(step))
+        saved = self._read_json_items(step)
+      except CorruptCheckpointError as error:
+        damaged.append((step, error))
+        logging.warning("Checkpoint step %d is unreadable (%s); trying an older one.", step,
+                        _first_line(error.__cause__ or error))
         continue
       if check_resume is not None:
         check_resume(saved["config"], saved["extra"])
-      try:
-        state = self._restore_items(
-            step, state=self._ocp.args.StandardRestore(abstract_state))["state"]
-      except Exception as error:  # noqa: BLE001
-        if verified:
-          raise ConfigMismatchError(
-              f"Checkpoint {self.step_path(step)} is intact (its files match their digest) "
-              "but its train state does not fit the current model and optimizer "
-              f"({_first_line(error)}). Resume with the config it was written with "
-              "(its 'config' item), or use a new --workdir.") from None
-        self._report_unusable(step, error, failures)
-        continue
-      self._quarantine(failures)
-      return Restored(step, state, saved["extra"], saved["config"], self.step_path(step))
-    if failures:
-      details = "\n".join(f"  step {s}: {_first_line(e)}" for s, e in failures)
+      self._quarantine(damaged)
+      return step
+    if damaged:
+      details = "\n".join(f"  step {s}: {_first_line(e.__cause__ or e)}" for s, e in damaged)
       raise WorkdirError(f"No checkpoint in {self.directory} could be restored:\n{details}\n"
                          "Move the directory away to start afresh.")
     return None
 
-  def restore_path(self, location: str, abstract_state: Any) -> Restored:
-    """Restores the checkpoint step directory ``location`` (for evaluation-only runs)."""
-    step_dir, step = _step_directory(location)
+  def _verify(self, step_dir: epath.Path) -> None:
+    verify(step_dir)
+
+  def _reload(self) -> list[int]:
+    """The steps on storage now (re-listed; retried through outages)."""
+    def reload():
+      self.manager.reload()
+      return list(self.manager.all_steps())
+    return storage.retrying(f"Listing {self.directory}", reload)
+
+  def _read_json_items(self, step: int) -> dict[str, Any]:
+    return _read_json_items(self.step_path(step))
+
+  def _read_state(self, step: int, abstract_state: Any) -> Any:
     try:
-      integrity.verify_digest(step_dir)
-    except integrity.DigestMismatchError as error:
-      raise WorkdirError(f"Checkpoint {step_dir} is corrupt: {error}") from error
-    args = self._ocp.args
-    with self._ocp.CheckpointManager(step_dir.parent) as manager:
-      result = manager.restore(step, args=args.Composite(
-          state=args.StandardRestore(abstract_state), extra=args.JsonRestore(),
-          config=args.JsonRestore()))
-    return Restored(step, result["state"], result["extra"], result["config"], step_dir)
+      return storage.retrying(f"Reading checkpoint {self.step_path(step)}", _restore_state,
+                              self.step_path(step), abstract_state)
+    except StorageUnavailableError:
+      raise
+    except Exception as error:  # noqa: BLE001 - the step's files match their digest
+      raise ConfigMismatchError(
+          f"Checkpoint {self.step_path(step)} is intact (its files match their digest) "
+          "but its train state does not fit the current model and optimizer "
+          f"({_first_line(error)}). Resume with the config it was written with "
+          "(its 'config' item), or use a new --workdir.") from None  # orbax's traceback adds nothing
 
   def restore_path_as_saved(self, location: str, sharding) -> Restored:
-    """Restores the step directory ``location`` with the shapes it was saved with (read from
-    its metadata) instead of the current model's: ``state`` is a dict of ``step``,
-    ``params``, ``batch_stats`` and ``opt_state`` arrays placed with ``sharding``. For moving
-    a checkpoint to another image size (``aa_flax.resolution``)."""
-    import orbax.checkpoint as ocp
-    state_dir = _step_directory(location)[0] / "state"
-    try:
-      with ocp.PyTreeCheckpointer() as reader:
-        metadata = reader.metadata(state_dir).item_metadata
-      if metadata is None:
-        raise ValueError("no metadata")
-    except Exception as error:  # noqa: BLE001 - an unreadable item
-      raise WorkdirError(f"Cannot read the train state of checkpoint {storage.path(location)} "
-                         f"({_first_line(error)}).") from error
-    saved = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                           sharding=sharding), metadata)
-    return self.restore_path(location, saved)
-
-  def _verify(self, step: int) -> bool:
-    verified = integrity.verify_digest(self.step_path(step))
-    if not verified:
-      logging.warning("Checkpoint step %d has no digest (written by an earlier version); "
-                      "restoring it unchecked.", step)
-    return verified
-
-  def _restore_items(self, step: int, **items) -> dict[str, Any]:
-    return self.manager.restore(step, args=self._ocp.args.Composite(**items))
-
-  @staticmethod
-  def _report_unusable(step: int, error: Exception, failures: list) -> None:
-    failures.append((step, error))
-    logging.warning("Checkpoint step %d is unreadable (%s); trying an older one.", step,
-                    _first_line(error))
-
-  def _quarantine(self, failures: list[tuple[int, Exception]]) -> None:
-    """Moves unusable steps out of the manager's directory (process 0), then reloads."""
-    if not failures:
-      return
+    """Restores the step directory ``location`` (digest verified first) with the shapes it
+    was saved with (read from its metadata) instead of the current model's: ``state`` is a
+    dict of ``step``, ``params``, ``batch_stats`` and ``opt_state`` arrays placed with
+    ``sharding``. For evaluation-only runs, fine-tuning and moving a checkpoint to another
+    image size (``aa_flax.resolution``). Process 0 verifies; every process reads; an error
+    is raised on every process with the same message. Nothing is moved."""
+    step_dir, error, restored = storage.path(location), None, None
     if jax.process_index() == 0:
-      target_root = self.workdir / CORRUPT_DIR
-      target_root.mkdir(parents=True, exist_ok=True)
-      for step, error in failures:
-        target = target_root / f"{step}-{int(time.time())}"
-        storage.move_tree(self.step_path(step), target)
-        (target / QUARANTINE_REASON_FILE).write_text(f"{_first_line(error, 2000)}\n")
-        logging.warning("Moved unusable checkpoint step %d to %s.", step, target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("aa_flax_quarantine")
-    self.manager.reload()
+      try:
+        verify(_step_directory(location)[0])
+      except Exception as failure:  # noqa: BLE001 - shared with the other processes below
+        error = failure
+    _agree(error)
+    step = int(step_dir.name)  # checked by process 0
+    try:
+      metadata = _state_metadata(step_dir)
+      saved = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                             sharding=sharding), metadata)
+      state = _read_item(step_dir, lambda: _restore_state(step_dir, saved))
+      items = _read_json_items(step_dir)
+      restored = Restored(step, state, items["extra"], items["config"], step_dir)
+    except Exception as failure:  # noqa: BLE001 - shared with the other processes below
+      error = failure
+    _agree(error)
+    return restored
+
+  def _quarantine(self, damaged: list[tuple[int, Exception]]) -> None:
+    """Moves provably damaged steps to ``corrupt_checkpoints/`` (process 0 only)."""
+    if not damaged:
+      return
+    target_root = self.workdir / CORRUPT_DIR
+    if storage.retrying(f"Reading {target_root}", target_root.exists) and \
+        not storage.retrying(f"Reading {target_root}", target_root.is_dir):
+      raise WorkdirError(f"{target_root} exists but is not a directory; damaged checkpoints "
+                         "are moved there: move that file away and rerun.")
+    storage.retrying(f"Creating {target_root}", target_root.mkdir, parents=True,
+                     exist_ok=True)
+    for step, error in damaged:
+      target = target_root / f"{step}-{int(time.time())}"
+      storage.move_tree(self.step_path(step), target)
+      storage.write_text(target / QUARANTINE_REASON_FILE,
+                         f"{_first_line(error.__cause__ or error, 2000)}\n")
+      logging.warning("Moved damaged checkpoint step %d to %s.", step, target)
+    self._reload()
+
+
+def verify(step_dir: epath.Path) -> None:
+  """Checks the files of checkpoint step directory ``step_dir`` against its digest.
+
+  Raises ``CorruptCheckpointError`` (caused by ``integrity.DigestMismatchError``) if they
+  differ or the digest is missing or unreadable; ``StorageUnavailableError`` if the storage
+  stays unavailable (``storage.retrying``).
+  """
+  try:
+    integrity.verify_digest(step_dir)
+  except integrity.DigestMismatchError as error:
+    raise CorruptCheckpointError(f"Checkpoint {step_dir} is corrupt: {error}") from error
+
+
+def _read_item(step_dir: epath.Path, read: Callable[[], Any]) -> Any:
+  """``read()`` retried through outages; a failure to parse is ``CorruptCheckpointError``
+  (a local ``OSError`` such as EIO or EACCES stays a ``WorkdirError``: not proven damage)."""
+  try:
+    return storage.retrying(f"Reading checkpoint {step_dir}", _quietly, read)
+  except AAFlaxError:
+    raise
+  except OSError as error:
+    raise WorkdirError(f"Cannot read checkpoint {step_dir} ({_first_line(error)}).") from error
+  except Exception as error:  # noqa: BLE001 - orbax and tensorstore parse errors vary
+    raise CorruptCheckpointError(f"Checkpoint {step_dir} is corrupt: its metadata does not "
+                                 f"parse ({_first_line(error)}).") from error
+
+
+# Items are read through orbax's item handlers: unlike the manager's and the checkpointers'
+# restore they hold no barrier, so a process can read (and retry) on its own.
+def _read_json_items(step_dir: epath.Path) -> dict[str, Any]:
+  """``{'config', 'extra'}`` of a step; ``CorruptCheckpointError`` if they do not parse."""
+  import orbax.checkpoint as ocp
+  handler = ocp.JsonCheckpointHandler()
+  return {name: _read_item(step_dir, lambda name=name: handler.restore(step_dir / name))
+          for name in ("config", "extra")}
+
+
+def _restore_state(step_dir: epath.Path, abstract_state: Any) -> Any:
+  """The ``state`` item restored as ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves
+  with shardings)."""
+  import orbax.checkpoint as ocp
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.restore(step_dir / "state", args=ocp.args.StandardRestore(abstract_state))
+  finally:
+    handler.close()
+
+
+def _state_metadata(step_dir: epath.Path) -> Any:
+  """The tree of the ``state`` item's array metadata (shapes, dtypes), as saved."""
+  import orbax.checkpoint as ocp
+
+  def read():
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      metadata = handler.metadata(step_dir / "state")
+    finally:
+      handler.close()
+    if metadata is None:
+      raise ValueError("no tree metadata")
+    return metadata
+  return _read_item(step_dir, read)
+
+
+def _agree(error: Exception | None) -> None:
+  """Raises on every process if ``error`` is set on any: this process's own error, or the
+  first failing process's (same type and message: every process prints the same line). A
+  collective when there are several processes."""
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  from jax.experimental import multihost_utils
+  mine = np.zeros(_MESSAGE_BYTES, np.uint8)
+  if error is not None:
+    text = f"{type(error).__name__}\n{error}".encode()[:_MESSAGE_BYTES - 1]
+    mine[:len(text)] = np.frombuffer(text, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(mine))
+  if error is not None:
+    raise error
+  for process, row in enumerate(gathered):
+    if row[0]:
+      name, _, message = bytes(row).rstrip(b"\0").decode(errors="replace").partition("\n")
+      kind = getattr(errors, name, None)
+      if isinstance(kind, type) and issubclass(kind, AAFlaxError):
+        raise kind(message)
+      raise WorkdirError(f"Process {process} failed: {name}: {message.splitlines()[0]}")
+
+
+def _broadcast_step(step: int | None) -> int | None:
+  """Process 0's ``step`` on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return step
+  from jax.experimental import multihost_utils
+  value = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+  return None if value < 0 else value
+
+
+def _bound_tensorstore_retries(retry_s: float) -> None:
+  """Makes tensorstore (orbax's array reads and writes) retry an unavailable object store
+  for about ``retry_s`` instead of its own default of many minutes. orbax builds each
+  tensorstore context from these module dicts."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+  initial, longest = 1.0, min(32.0, max(1.0, retry_s / 4))
+  delays, delay = 0.0, initial
+  attempts = 1
+  while delays < retry_s:
+    delays += delay
+    delay = min(2 * delay, longest)
+    attempts += 1
+  retries = {"max_retries": attempts, "initial_delay": f"{initial}s",
+             "max_delay": f"{longest}s"}
+  for context in (tensorstore_utils._BASE_TS_CONTEXT,  # noqa: SLF001
+                  tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # noqa: SLF001
+    context["gcs_request_retries"] = dict(retries)
+    context["s3_request_retries"] = dict(retries)
 
 
 def _step_directory(location: str) -> tuple[epath.Path, int]:
   """``(path, step)`` of a checkpoint step directory; ``WorkdirError`` if it is not one."""
   step_dir = storage.path(location)
-  if not (step_dir / "state").exists():
+  if not storage.retrying(f"Reading {step_dir}", (step_dir / "state").exists):
     raise WorkdirError(f"{step_dir} is not a checkpoint step directory (it has no 'state' "
                        "item); pass e.g. <workdir>/checkpoints/<step>.")
   try:
@@ -275,15 +445,21 @@ def _step_directory(location: str) -> tuple[epath.Path, int]:
 
 
 def read_state_arrays(step_dir: str) -> dict[str, Any]:
-  """The train state of checkpoint ``<workdir>/checkpoints/<step>`` as nested numpy arrays.
+  """The train state of checkpoint ``<workdir>/checkpoints/<step>`` as nested numpy arrays,
+  digest verified first (``verify``).
 
-  For inspection and comparisons (no model or mesh needed): ``{'step', 'params',
-  'batch_stats', 'opt_state'}``.
+  For inspection, tools and comparisons (no model or mesh needed): ``{'step', 'params',
+  'batch_stats', 'opt_state'}``. Raises ``CorruptCheckpointError``, ``WorkdirError`` (not a
+  step directory) or ``StorageUnavailableError``.
   """
-  import numpy as np
   import orbax.checkpoint as ocp
-  state_dir = storage.path(step_dir) / "state"
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(state_dir).item_metadata
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  directory, _ = _step_directory(step_dir)
+  verify(directory)
+  metadata = _state_metadata(directory)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+
+  def read():
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      return checkpointer.restore(directory / "state",
+                                  args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return _read_item(directory, read)

@@ -86,6 +86,17 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= logging.converter.STANDARD_WARNING
 
 
+def _without_closed_loop_reports(previous_hook):
+  """A ``sys.unraisablehook`` that drops "Event loop is closed" reports: when a save fails,
+  orbax closes its event loop while tensorstore still completes the other writes, and
+  tensorstore reports each one (the run ends with its own one-line error)."""
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous_hook(unraisable)
+  return hook
+
+
 def _summary(config, workdir: str) -> str:
   """One line on what this run trains (the whole config goes to <workdir>/config.json)."""
   length = (f"{config.num_train_steps} steps" if config.num_train_steps > 0
@@ -112,6 +123,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_quiet_orbax)
+  sys.unraisablehook = _without_closed_loop_reports(sys.unraisablehook)
   # jax reports at INFO each accelerator plugin it does not find (e.g. no TPU on a GPU host).
   python_logging.getLogger("jax._src.xla_bridge").setLevel(python_logging.WARNING)
   from aa_flax import parallel
@@ -119,7 +131,8 @@ def main(argv):
                                   _NUM_PROCESSES.value, _PROCESS_ID.value)
   import aa_flax
   from aa_flax import run_info
-  from aa_flax.errors import AAFlaxError, PeerLostError, print_error
+  from aa_flax.errors import (AAFlaxError, PeerLostError, StorageUnavailableError,
+                              print_error)
   from aa_flax.preemption import EXIT_PREEMPTED
   logging.info(_summary(_CONFIG.value, _WORKDIR.value))
   start = time.perf_counter()
@@ -127,10 +140,13 @@ def main(argv):
     result = aa_flax.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress="log")
   except AAFlaxError as error:
     print_error(error)
-    # Skip interpreter teardown: after a failed save it only adds tracebacks of background
-    # writes that orbax abandoned, printed after this error line; with a peer gone, the
-    # shutdown of jax.distributed would wait for the coordination service's timeout.
-    os._exit(EXIT_PREEMPTED if isinstance(error, PeerLostError) else 1)
+    # The error line stays the last: after a failed save, tensorstore threads still report
+    # each write that orbax abandoned ("Event loop is closed"), and interpreter teardown
+    # would add more; with a peer gone, the shutdown of jax.distributed would wait for the
+    # coordination service's timeout. An outage or a lost peer is retryable.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    os._exit(EXIT_PREEMPTED if isinstance(error, (PeerLostError, StorageUnavailableError))
+             else 1)
   run_info.record_segment(_WORKDIR.value, time.perf_counter() - start, result)
   if result["preempted"]:
     sys.exit(EXIT_PREEMPTED)

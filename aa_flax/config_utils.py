@@ -24,7 +24,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 RESUME_FREE_KEYS = frozenset({
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "async_checkpointing", "eval_only", "checkpoint_path", "eval_batch_size", "on_nonfinite",
-    "max_skipped_fraction", "allow_config_mismatch", "data.num_threads", "data.num_workers",
+    "max_skipped_fraction", "allow_config_mismatch", "storage_retry_s", "data.num_threads",
+    "data.num_workers",
     "data.prefetch", "data.tfds_data_dir"})
 
 
@@ -118,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.on_nonfinite = "stop"  # stop | skip (the step's update is dropped)
   config.max_skipped_fraction = 0.1  # skip: fail once more of the steps so far were skipped
   config.allow_config_mismatch = False  # resume despite model/data/recipe changes (warned)
+  # Seconds a workdir read or write is retried through a storage outage (HTTP 5xx/429,
+  # timeouts) before the run stops with exit status 75.
+  config.storage_retry_s = 300.0
   return config.lock()
 
 
@@ -171,6 +175,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key}={config[key]} must be positive.")
+  if not config.storage_retry_s >= 0:
+    raise ConfigError(f"config.storage_retry_s={config.storage_retry_s} must be >= 0 "
+                      "(seconds to retry through a storage outage).")
   if config.eval_every_steps < 0:
     raise ConfigError(f"config.eval_every_steps={config.eval_every_steps} must be >= 0.")
   if config.num_train_steps <= 0 and config.num_epochs <= 0:

@@ -43,6 +43,17 @@ class VariableMismatchError(AAFlaxError, ValueError):
   """Variables (or a checkpoint) do not belong to the model they are used with."""
 
 
+class StorageUnavailableError(AAFlaxError, OSError):
+  """Workdir storage kept answering with transient errors (HTTP 5xx or 429, timeouts,
+  dropped connections) for ``config.storage_retry_s``; nothing was moved or marked corrupt.
+  ``train.py`` exits with status 75 (try again later)."""
+
+
+class CorruptCheckpointError(WorkdirError):
+  """A checkpoint's files are provably damaged: they differ from its digest, its digest is
+  missing or unreadable, or its metadata does not parse."""
+
+
 class PeerLostError(AAFlaxError, ConnectionError):
   """Another process of a multi-process job is gone (a collective with it failed)."""
 

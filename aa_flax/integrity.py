@@ -34,6 +34,10 @@ def _covered_files(directory: epath.Path) -> list[str]:
 
 
 def _sha256(file: epath.Path) -> str:
+  return storage.retrying(f"Reading {file}", _sha256_once, file)
+
+
+def _sha256_once(file: epath.Path) -> str:
   digest = hashlib.sha256()
   with file.open("rb") as handle:
     while chunk := handle.read(_CHUNK_BYTES):
@@ -55,17 +59,18 @@ def write_digest(directory: epath.Path) -> None:
 
 
 def verify_digest(directory: epath.Path) -> bool:
-  """Compares the files below ``directory`` with its digest.
+  """Compares the files below ``directory`` with its digest; returns True if they match.
 
-  Returns True if they match and False if there is no digest (a checkpoint written before
-  digests existed). Raises ``DigestMismatchError`` naming the first differing, missing or
-  unexpected file.
+  Raises ``DigestMismatchError`` naming the first differing, missing or unexpected file, or
+  when the digest itself is missing or unreadable (every committed step has one: it is written
+  before the commit). Reads are retried through storage outages (``storage.retrying``).
   """
   digest_file = directory / DIGEST_FILE
-  if not digest_file.exists():
-    return False
   try:
-    expected = json.loads(digest_file.read_text())["files"]
+    expected = json.loads(storage.read_text(digest_file))["files"]
+  except FileNotFoundError as error:
+    raise DigestMismatchError(f"{directory} has no {DIGEST_FILE}; a committed checkpoint "
+                              "always has one, so its files cannot be trusted.") from error
   except (ValueError, KeyError, TypeError) as error:
     raise DigestMismatchError(f"{digest_file} is unreadable ({error}).") from error
   names = _covered_files(directory)

@@ -6,20 +6,120 @@ orbax uses for checkpoints: local paths via ``os``, URLs via fsspec (``gcsfs`` f
 
 Local files keep POSIX guarantees (atomic rename, append). Object stores have neither: an
 object is replaced whole, a "directory" is a key prefix, and moving one is copy then delete.
+
+Object stores also have bad minutes. ``is_transient`` tells an outage (HTTP 5xx, 429 or 408,
+timeouts, dropped connections; as raised by gcsfs, aiohttp, requests or tensorstore) from
+everything else, and ``retrying`` repeats an operation through one with backoff for
+``retry_seconds()`` (``config.storage_retry_s``), then raises ``StorageUnavailableError``.
+A local ``OSError`` such as EIO or EACCES is not transient.
 """
 
 from __future__ import annotations
 
 import json
+import logging as python_logging
 import math
 import os
+import re
 import shutil
 import socket
-from typing import Any
+import sys
+import time
+from typing import Any, Callable, TypeVar
 
+from absl import logging
 from etils import epath
 
-from aa_flax.errors import WorkdirError
+from aa_flax.errors import AAFlaxError, StorageUnavailableError, WorkdirError
+
+DEFAULT_RETRY_S = 300.0
+_retry_s = DEFAULT_RETRY_S
+# tensorstore reports an HTTP failure as a ValueError naming the response code, e.g.
+# "ABORTED: All 32 retry attempts failed: ... [http_response_code='503']"; it retries only
+# what it deems transient (5xx, 429, 408, dropped connections: curl errors), so running out
+# of retries is an outage too.
+_TENSORSTORE_TRANSIENT = re.compile(
+    r"http_response_code='(5\d\d|429|408)'|^(UNAVAILABLE|DEADLINE_EXCEEDED):|"
+    r"^ABORTED: All \d+ retry attempts failed")
+_T = TypeVar("_T")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """``"<type>: <first line of the message>"`` of ``error``, for one-line reports."""
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:limit] if text else ''}"
+
+
+def set_retry_seconds(seconds: float) -> None:
+  """How long ``retrying`` keeps retrying an operation through a storage outage."""
+  global _retry_s
+  _retry_s = float(seconds)
+
+
+def retry_seconds() -> float:
+  return _retry_s
+
+
+def _is_transient_one(error: BaseException) -> bool:
+  if isinstance(error, (TimeoutError, ConnectionError)):  # incl. asyncio's timeouts, resets
+    return True
+  if "gcsfs" in sys.modules:
+    from gcsfs import retry as gcsfs_retry
+    if gcsfs_retry.is_retriable(error):  # HttpError 5xx/408/429, aiohttp and requests errors
+      return True
+  return isinstance(error, ValueError) and bool(_TENSORSTORE_TRANSIENT.search(str(error)))
+
+
+def is_transient(error: BaseException) -> bool:
+  """True if ``error`` (or an exception it was raised from) is a storage outage that may
+  pass: worth retrying, never evidence of damaged data."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, AAFlaxError):  # already decided (e.g. retried and given up)
+      return False
+    if _is_transient_one(error):
+      return True
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def unavailable(what: str, error: BaseException) -> StorageUnavailableError:
+  """The ``StorageUnavailableError`` that ends a run on a transient ``error`` at ``what``."""
+  return StorageUnavailableError(
+      f"{what}: storage unavailable ({first_line(error)}), retried for {_retry_s:g} s "
+      "(config.storage_retry_s). Nothing was moved or marked corrupt; rerun the same command "
+      "once the storage is back.")
+
+
+def retrying(what: str, function: Callable[..., _T], *args, **kwargs) -> _T:
+  """``function(*args, **kwargs)``, repeated with backoff while it fails with a transient
+  error (``is_transient``) for up to ``retry_seconds()``; then ``StorageUnavailableError``
+  naming ``what`` (the object or operation). Other errors propagate at once."""
+  deadline = time.monotonic() + _retry_s
+  delay = 0.25
+  while True:
+    try:
+      return function(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - classified here, re-raised unless transient
+      if not is_transient(error):
+        raise
+      if time.monotonic() + delay > deadline:
+        raise unavailable(what, error) from error
+      logging.warning("%s: %s; retrying in %.1f s.", what, first_line(error), delay)
+      time.sleep(delay)
+      delay = min(2 * delay, 30.0)
+
+
+def _no_client_tracebacks(record) -> bool:
+  """gcsfs logs a traceback when its own retries run out (ours go on) and when a move's
+  server-side rewrite is refused (it falls back to copy and delete): one line is enough."""
+  record.exc_info, record.exc_text = None, None
+  return record.levelno >= python_logging.ERROR and "out of retries" not in str(record.msg) \
+      and "non-retriable" not in str(record.msg)
+
+
+python_logging.getLogger("gcsfs").addFilter(_no_client_tracebacks)
 
 
 SCHEMES = ("gs", "s3", "az")  # object stores etils.epath writes to (through fsspec)
@@ -59,12 +159,21 @@ def dumps(payload: Any, **kwargs) -> str:
 
 def write_text(target: epath.Path, text: str) -> None:
   """Replaces ``target`` whole: a reader sees the old or the new text, never a mix."""
+  retrying(f"Writing {target}", _replace_text, target, text)
+
+
+def _replace_text(target: epath.Path, text: str) -> None:
   if is_remote(target):
     target.write_text(text)  # an object upload is atomic
     return
   temporary = target.parent / f"{target.name}.tmp"
   temporary.write_text(text)
   os.replace(temporary, target)
+
+
+def read_text(source: epath.Path) -> str:
+  """The text of ``source`` (retried through outages; ``FileNotFoundError`` if absent)."""
+  return retrying(f"Reading {source}", source.read_text)
 
 
 def write_json(target: epath.Path, payload: dict[str, Any]) -> None:
@@ -81,7 +190,7 @@ def create_exclusive(target: epath.Path, text: str) -> bool:
     import fsspec
     filesystem, key = fsspec.core.url_to_fs(os.fspath(target))
     try:
-      filesystem.pipe_file(key, text.encode(), mode="create")
+      retrying(f"Creating {target}", filesystem.pipe_file, key, text.encode(), mode="create")
     except FileExistsError:
       return False
     return True
@@ -98,6 +207,10 @@ def create_exclusive(target: epath.Path, text: str) -> bool:
 
 def list_files(directory: epath.Path) -> list[str]:
   """Paths (relative to ``directory``, sorted) of every file below ``directory``."""
+  return retrying(f"Listing {directory}", _list_files, directory)
+
+
+def _list_files(directory: epath.Path) -> list[str]:
   # fsspec walks report roots without the URL scheme; strip it from the top as well.
   top = os.fspath(directory).split("://", 1)[-1].rstrip("/")
   files = []
@@ -113,8 +226,15 @@ def move_tree(source: epath.Path, target: epath.Path) -> None:
     source.rename(target)
     return
   for name in list_files(source):
-    (source / name).copy(target / name)
-  source.rmtree()
+    retrying(f"Copying {source / name}", (source / name).copy, target / name, overwrite=True)
+  retrying(f"Deleting {source}", source.rmtree)
+
+
+def _write_probe(workdir: epath.Path) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  probe = workdir / f".write_probe.{socket.gethostname()}.{os.getpid()}"
+  probe.write_bytes(b"0" * 4096)
+  probe.unlink()
 
 
 def check_workdir(workdir: epath.Path, required_bytes: int) -> None:
@@ -124,10 +244,9 @@ def check_workdir(workdir: epath.Path, required_bytes: int) -> None:
   free space is only known for local disks.
   """
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f".write_probe.{socket.gethostname()}.{os.getpid()}"
-    probe.write_bytes(b"0" * 4096)
-    probe.unlink()
+    retrying(f"Writing a probe file in {workdir}", _write_probe, workdir)
+  except StorageUnavailableError:
+    raise
   except Exception as error:  # noqa: BLE001 - cloud storage clients raise their own types.
     raise WorkdirError(f"Workdir {workdir} is not writable: {error}.") from error
   if is_remote(workdir):

@@ -405,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Raises:
     ConfigError, DataError, DatasetNotFoundError, ConfigMismatchError, WorkdirError,
-    NonFiniteError (see ``aa_flax.errors``).
+    StorageUnavailableError, NonFiniteError (see ``aa_flax.errors``).
   """
   from aa_flax.checkpoint import CHECKPOINT_DIR, Checkpointer
   from aa_flax.data import InputPipeline, load_splits, resolve_num_workers
@@ -414,6 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   config_utils.validate_config(config)
   workdir = storage.path(workdir)  # an unsupported scheme fails here, before any work
+  storage.set_retry_seconds(config.storage_retry_s)
   is_main = jax.process_index() == 0
   if not isinstance(progress, Progress):
     progress = Progress(progress if is_main else "none")

@@ -110,6 +110,7 @@ def load_trained(workdir: Optional[str] = None, checkpoint: Optional[str] = None
   ``checkpoint`` (``<workdir>/checkpoints/<step>``; the config is ``<workdir>/config.json``).
 
   Raises ``WorkdirError`` for a missing workdir, checkpoint or ``config.json``.
+  The checkpoint's digest is verified first (``CorruptCheckpointError`` if it differs).
   """
   import json
 

@@ -34,8 +34,8 @@ class _NoDigestCheckpointer(Checkpointer):
   def _write_digest(self) -> None:
     pass
 
-  def _verify(self, step: int) -> bool:
-    return False
+  def _verify(self, step_dir) -> None:
+    pass
 
 
 def resnet50_state(seed: int = 0) -> dict:

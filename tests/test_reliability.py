@@ -149,11 +149,9 @@ def _flip_one_bit(path: Path, byte: int) -> None:
   path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_one_bit"])
-def test_damaged_newest_checkpoint_falls_back_to_previous(reference_run, tmp_path, damage):
-  workdir = tmp_path / "w"
-  shutil.copytree(reference_run, workdir)
-  (workdir / "eval_results.json").unlink()
+def _damage_newest(workdir: Path, damage: str) -> Path:
+  """Damages the largest array file of the newest step; returns that step's directory.
+  ``flip_one_bit_no_digest`` also deletes the step's digest."""
   newest = workdir / "checkpoints" / str(STEPS)
   data_files = sorted((f for f in (newest / "state").rglob("*") if f.is_file()),
                       key=lambda f: f.stat().st_size)
@@ -162,6 +160,17 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(reference_run, tmp_pat
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
   else:  # still parses: only the digest can tell
     _flip_one_bit(victim, victim.stat().st_size // 2)
+  if damage == "flip_one_bit_no_digest":
+    (newest / "aa_flax_digest.json").unlink()
+  return newest
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_one_bit", "flip_one_bit_no_digest"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(reference_run, tmp_path, damage):
+  workdir = tmp_path / "w"
+  shutil.copytree(reference_run, workdir)
+  (workdir / "eval_results.json").unlink()
+  _damage_newest(workdir, damage)
   run = run_train_py(workdir, *LONG_RUN)
   assert run.returncode == 0, run.stderr[-3000:]
   assert f"Checkpoint step {STEPS} is unreadable" in run.stderr
@@ -170,6 +179,46 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(reference_run, tmp_pat
   assert [p.name.split("-")[0] for p in quarantined] == [str(STEPS)]
   assert "DigestMismatchError" in (quarantined[0] / "aa_flax_quarantine_reason.txt").read_text()
   _assert_same_run(workdir, reference_run)
+
+
+def test_every_reader_refuses_a_damaged_checkpoint_with_one_line(reference_run, tmp_path):
+  """A flipped bit and no digest: eval-only, fine-tuning from it and the attention figure
+  each stop with one line naming the step (no result, no figure); nothing is moved."""
+  workdir = tmp_path / "w"
+  shutil.copytree(reference_run, workdir)
+  newest = _damage_newest(workdir, "flip_one_bit_no_digest")
+  for run in (run_train_py(tmp_path / "eval", "--config.eval_only=True",
+                           f"--config.checkpoint_path={newest}"),
+              run_train_py(tmp_path / "finetune", f"--config.init_from_checkpoint={newest}")):
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f"error: CorruptCheckpointError: Checkpoint {newest} is corrupt: {newest} has no "
+        "aa_flax_digest.json"), run.stderr[-3000:]
+  assert not (tmp_path / "eval" / "eval_results.json").exists()
+  assert not (tmp_path / "finetune" / "checkpoints").exists() or not any(
+      (tmp_path / "finetune" / "checkpoints").iterdir())
+  figure = tmp_path / "attention.png"
+  run = subprocess.run([sys.executable, "-m", "aa_flax.visualize", f"--checkpoint={newest}",
+                        "--dataset-index=0", f"--out={figure}"], env=subprocess_env(),
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1 and not figure.exists(), run.stderr[-3000:]
+  assert run.stderr.strip().splitlines() == [
+      line for line in run.stderr.strip().splitlines() if line.startswith("error: ")]
+  assert run.stderr.startswith(f"error: CorruptCheckpointError: Checkpoint {newest} is corrupt")
+  assert not (workdir / "corrupt_checkpoints").exists()
+
+
+def test_corrupt_checkpoints_path_that_is_a_file_gives_one_line(reference_run, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(reference_run, workdir)
+  _damage_newest(workdir, "flip_one_bit")
+  (workdir / "corrupt_checkpoints").write_text("")
+  run = run_train_py(workdir, *LONG_RUN)
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"error: WorkdirError: {workdir / 'corrupt_checkpoints'} exists but is not a directory; "
+      "damaged checkpoints are moved there: move that file away and rerun.")
+  assert _checkpoint_steps(workdir) == [STEPS - CHECKPOINT_EVERY, STEPS]
 
 
 def test_one_flipped_bit_in_any_checkpoint_file_is_caught(reference_run, tmp_path):
@@ -477,6 +526,7 @@ def test_disk_full_during_a_save_stops_with_one_line_naming_the_last_checkpoint(
       f"on device). Last complete checkpoint: {checkpoints / '10'}. Fix the cause (e.g. free "
       "space) and rerun to resume from it.")
   assert report["stderr"].count("error: WorkdirError") == 1
+  assert "Traceback" not in report["stderr"], report["stderr"][-6000:]
   records = [json.loads(line) for line in report["metrics"].splitlines()]
   assert max(r["step"] for r in records) < 30  # stopped before the next save, not after it
   assert all(r["split"] == "train" for r in records)

@@ -13,8 +13,8 @@ import aa_flax
 from aa_flax import resolution, trainer
 from aa_flax.checkpoint import read_state_arrays
 from aa_flax.data import load_splits, preprocess
-from aa_flax.errors import (ConfigError, ConfigMismatchError, VariableMismatchError,
-                            WorkdirError)
+from aa_flax.errors import (ConfigError, ConfigMismatchError, CorruptCheckpointError,
+                            VariableMismatchError, WorkdirError)
 from aa_flax.models import create_model
 from train_helpers import (assert_trees_equal, final_state, read_json, run_train_py,
                            tiny_config)
@@ -131,7 +131,7 @@ def test_not_a_checkpoint_is_refused(tmp_path):
     aa_flax.train_and_evaluate(config, str(tmp_path / "run"))
   (tmp_path / "broken" / "7" / "state").mkdir(parents=True)
   config = tiny_config(init_from_checkpoint=str(tmp_path / "broken" / "7"))
-  with pytest.raises(WorkdirError, match="Cannot read the train state of checkpoint"):
+  with pytest.raises(CorruptCheckpointError, match="7 has no aa_flax_digest.json"):
     aa_flax.train_and_evaluate(config, str(tmp_path / "run"))
 
 
