@@ -31,13 +31,12 @@ import numpy as np
 
 from aa_flax import report, run_info, tables
 from aa_flax.config_utils import load_config
-from aa_flax.metric_logging import METRICS_FILE
-from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
+from aa_flax.workdir import CONFIG_FILE, EVAL_RESULTS_FILE, METRICS_FILE, RUN_INFO_FILE
 from benchmarks import common
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO_ROOT, "configs", "cifar10_evidence.py")
-RECORD_FILES = (CONFIG_FILE, EVAL_RESULTS_FILE, METRICS_FILE, run_info.RUN_INFO_FILE)
+RECORD_FILES = (CONFIG_FILE, EVAL_RESULTS_FILE, METRICS_FILE, RUN_INFO_FILE)
 TRAIN_FILES = ("cifar10_train_part0.npz", "cifar10_train_part1.npz")
 TEST_FILE = "cifar10_test.npz"
 GROUP = "cifar10_evidence"
