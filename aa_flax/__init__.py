@@ -4,7 +4,7 @@ from importlib import metadata
 
 from aa_flax import attention, layers
 
-__all__ = ["__version__", "attention", "layers", "train_and_evaluate"]
+__all__ = ["__version__", "attention", "evaluate_checkpoint", "layers", "train_and_evaluate"]
 
 try:  # pyproject.toml's version, as installed (pip install . or -e .)
   __version__ = metadata.version("aa_flax")
@@ -14,7 +14,7 @@ except metadata.PackageNotFoundError:  # a checkout on PYTHONPATH that was never
 
 def __getattr__(name):
   # Lazy: the training system pulls in orbax, grain and friends only when asked for.
-  if name == "train_and_evaluate":
-    from aa_flax.trainer import train_and_evaluate
-    return train_and_evaluate
+  if name in ("train_and_evaluate", "evaluate_checkpoint"):
+    from aa_flax import trainer
+    return getattr(trainer, name)
   raise AttributeError(f"module 'aa_flax' has no attribute {name!r}")

@@ -33,10 +33,9 @@ from etils import epath
 
 from aa_flax import errors, integrity, storage
 from aa_flax.errors import (AAFlaxError, ConfigMismatchError, CorruptCheckpointError,
-                            StorageUnavailableError, WorkdirError)
+                            WorkdirError)
+from aa_flax.workdir import CHECKPOINT_DIR, CORRUPT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
-CORRUPT_DIR = "corrupt_checkpoints"
 QUARANTINE_REASON_FILE = "aa_flax_quarantine_reason.txt"
 
 
@@ -257,41 +256,12 @@ class Checkpointer:
     try:
       return storage.retrying(f"Reading checkpoint {self.step_path(step)}", _restore_state,
                               self.step_path(step), abstract_state)
-    except StorageUnavailableError:
-      raise
-    except Exception as error:  # noqa: BLE001 - the step's files match their digest
+    except ValueError as error:  # orbax: tree structures or shapes that do not match
       raise ConfigMismatchError(
           f"Checkpoint {self.step_path(step)} is intact (its files match their digest) "
           "but its train state does not fit the current model and optimizer "
           f"({_first_line(error)}). Resume with the config it was written with "
           "(its 'config' item), or use a new --workdir.") from None  # orbax's traceback adds nothing
-
-  def restore_path_as_saved(self, location: str, sharding) -> Restored:
-    """Restores the step directory ``location`` (digest verified first) with the shapes it
-    was saved with (read from its metadata) instead of the current model's: ``state`` is a
-    dict of ``step``, ``params``, ``batch_stats`` and ``opt_state`` arrays placed with
-    ``sharding``. For evaluation-only runs, fine-tuning and moving a checkpoint to another
-    image size (``aa_flax.resolution``). Process 0 verifies; every process reads; an error
-    is raised on every process with the same message. Nothing is moved."""
-    step_dir, error, restored = storage.path(location), None, None
-    if jax.process_index() == 0:
-      try:
-        verify(_step_directory(location)[0])
-      except Exception as failure:  # noqa: BLE001 - shared with the other processes below
-        error = failure
-    _agree(error)
-    step = int(step_dir.name)  # checked by process 0
-    try:
-      metadata = _state_metadata(step_dir)
-      saved = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                             sharding=sharding), metadata)
-      state = _read_item(step_dir, lambda: _restore_state(step_dir, saved))
-      items = _read_json_items(step_dir)
-      restored = Restored(step, state, items["extra"], items["config"], step_dir)
-    except Exception as failure:  # noqa: BLE001 - shared with the other processes below
-      error = failure
-    _agree(error)
-    return restored
 
   def _quarantine(self, damaged: list[tuple[int, Exception]]) -> None:
     """Moves provably damaged steps to ``corrupt_checkpoints/`` (process 0 only)."""
@@ -311,6 +281,35 @@ class Checkpointer:
                          f"{_first_line(error.__cause__ or error, 2000)}\n")
       logging.warning("Moved damaged checkpoint step %d to %s.", step, target)
     self._reload()
+
+
+def restore_as_saved(location: str, sharding) -> Restored:
+  """Restores the step directory ``location`` (digest verified first) with the shapes it was
+  saved with (read from its metadata) instead of the current model's: ``state`` is a dict of
+  ``step``, ``params``, ``batch_stats`` and ``opt_state`` arrays placed with ``sharding``.
+  For evaluation-only runs, fine-tuning and moving a checkpoint to another image size
+  (``aa_flax.workdir.load_variables``). Process 0 verifies; every process reads; an error is
+  raised on every process with the same message. Nothing is moved."""
+  _bound_tensorstore_retries(storage.retry_seconds())
+  step_dir, error, restored = storage.path(location), None, None
+  if jax.process_index() == 0:
+    try:
+      verify(_step_directory(location)[0])
+    except Exception as failure:  # noqa: BLE001 - shared with the other processes below
+      error = failure
+  _agree(error)
+  step = int(step_dir.name)  # checked by process 0
+  try:
+    metadata = _state_metadata(step_dir)
+    saved = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                           sharding=sharding), metadata)
+    state = _read_item(step_dir, lambda: _restore_state(step_dir, saved))
+    items = _read_json_items(step_dir)
+    restored = Restored(step, state, items["extra"], items["config"], step_dir)
+  except Exception as failure:  # noqa: BLE001 - shared with the other processes below
+    error = failure
+  _agree(error)
+  return restored
 
 
 def verify(step_dir: epath.Path) -> None:
@@ -335,7 +334,7 @@ def _read_item(step_dir: epath.Path, read: Callable[[], Any]) -> Any:
     raise
   except OSError as error:
     raise WorkdirError(f"Cannot read checkpoint {step_dir} ({_first_line(error)}).") from error
-  except Exception as error:  # noqa: BLE001 - orbax and tensorstore parse errors vary
+  except (ValueError, KeyError) as error:  # JSON, tensorstore and orbax metadata parse errors
     raise CorruptCheckpointError(f"Checkpoint {step_dir} is corrupt: its metadata does not "
                                  f"parse ({_first_line(error)}).") from error
 
@@ -453,6 +452,7 @@ def read_state_arrays(step_dir: str) -> dict[str, Any]:
   step directory) or ``StorageUnavailableError``.
   """
   import orbax.checkpoint as ocp
+  _bound_tensorstore_retries(storage.retry_seconds())
   directory, _ = _step_directory(step_dir)
   verify(directory)
   metadata = _state_metadata(directory)

@@ -108,8 +108,7 @@ def _summary(config, workdir: str) -> str:
 def _where_results_are(config, workdir: str, result: dict) -> str:
   """The last line of a finished run: the final eval, where it is and how to see the curves."""
   from aa_flax import storage
-  from aa_flax.metric_logging import TENSORBOARD_DIR
-  from aa_flax.trainer import EVAL_ONLY_DIR, EVAL_RESULTS_FILE
+  from aa_flax.workdir import EVAL_ONLY_DIR, EVAL_RESULTS_FILE, TENSORBOARD_DIR
   workdir = storage.path(workdir)
   evaluated = (f"test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f} at step "
                f"{result['step']}")

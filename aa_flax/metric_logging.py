@@ -36,10 +36,8 @@ from absl import logging
 from etils import epath
 
 from aa_flax import storage
+from aa_flax.workdir import METRICS_CHUNK_DIR, METRICS_FILE, TENSORBOARD_DIR
 
-METRICS_FILE = "metrics.jsonl"
-METRICS_CHUNK_DIR = "metrics"
-TENSORBOARD_DIR = "tensorboard"
 FLUSH_INTERVAL_S = 60.0  # object stores: buffered records wait at most this long
 
 

@@ -31,11 +31,10 @@ import os
 import statistics
 from typing import Any, Optional, Sequence
 
-from aa_flax import config_utils, run_info, tables
+from aa_flax import config_utils, run_info, storage, tables, workdir as workdir_layout
 from aa_flax.errors import AAFlaxError, WorkdirError, exit_with_error
 from aa_flax.metric_logging import read_records
 from aa_flax.progress import Progress
-from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
 
 # Config keys that change neither what is trained nor how (logging, checkpoints, loaders).
 BOOKKEEPING_KEYS = frozenset({
@@ -100,19 +99,11 @@ class Run:
     return run_info.describe_environment(self.info["segments"][-1]["environment"])
 
 
-def _read_json(path: str) -> Optional[dict[str, Any]]:
-  from etils import epath
-  path = epath.Path(path)
-  return json.loads(path.read_text()) if path.exists() else None
-
-
 def load_run(workdir: str) -> Run:
   """Reads a workdir. Raises ``WorkdirError`` if it holds no ``config.json``."""
-  config = _read_json(os.path.join(workdir, CONFIG_FILE))
-  if config is None:
-    raise WorkdirError(f"{workdir} has no {CONFIG_FILE}; is it a training workdir?")
-  return Run(workdir=workdir, config=config,
-             results=_read_json(os.path.join(workdir, EVAL_RESULTS_FILE)),
+  results_file = storage.path(workdir) / workdir_layout.EVAL_RESULTS_FILE
+  return Run(workdir=workdir, config=workdir_layout.read_config(workdir),
+             results=workdir_layout.read_json(results_file),
              info=run_info.read(workdir),
              records=read_records(workdir))
 

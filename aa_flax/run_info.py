@@ -14,12 +14,12 @@ invocation, so a preempted and resumed run lists each part; ``aa_flax.report`` s
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 from typing import Any, Optional, Sequence
 
-RUN_INFO_FILE = "run_info.json"
+from aa_flax import storage
+from aa_flax.workdir import RUN_INFO_FILE, read_json
 
 
 def _cpu_model() -> str:
@@ -63,17 +63,9 @@ def describe_environment(env: dict[str, Any]) -> str:
           f"{env.get('cpu', '?')}; jax {env.get('jax', '?')}, flax {env.get('flax', '?')}")
 
 
-def _path(workdir: str):
-  from etils import epath
-  return epath.Path(workdir) / RUN_INFO_FILE
-
-
 def read(workdir: str) -> Optional[dict[str, Any]]:
   """``run_info.json`` of ``workdir``, or ``None`` when the run did not record one."""
-  path = _path(workdir)
-  if not path.exists():
-    return None
-  return json.loads(path.read_text())
+  return read_json(storage.path(workdir) / RUN_INFO_FILE)
 
 
 def record_segment(workdir: str, wall_time_s: float, result: dict[str, Any],
@@ -96,10 +88,7 @@ def record_segment(workdir: str, wall_time_s: float, result: dict[str, Any],
       "environment": environment(),
   })
   info["notes"] = list(dict.fromkeys([*info.get("notes", []), *notes]))
-  path = _path(workdir)
-  temporary = path.parent / f"{RUN_INFO_FILE}.tmp"
-  temporary.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-  temporary.replace(path)
+  storage.write_json(storage.path(workdir) / RUN_INFO_FILE, info)
 
 
 def total_wall_time(info: Optional[dict[str, Any]]) -> Optional[float]:

@@ -230,6 +230,16 @@ def move_tree(source: epath.Path, target: epath.Path) -> None:
   retrying(f"Deleting {source}", source.rmtree)
 
 
+def _refusals() -> tuple[type[Exception], ...]:
+  """What storage clients raise when they refuse an operation: ``OSError`` (local disks;
+  gcsfs and s3fs for 403 and 404), ``ValueError`` (gcsfs's bad request) and gcsfs's
+  ``HttpError`` (other 4xx)."""
+  if "gcsfs" not in sys.modules:
+    return (OSError, ValueError)
+  from gcsfs.retry import HttpError
+  return (OSError, ValueError, HttpError)
+
+
 def _write_probe(workdir: epath.Path) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   probe = workdir / f".write_probe.{socket.gethostname()}.{os.getpid()}"
@@ -247,7 +257,7 @@ def check_workdir(workdir: epath.Path, required_bytes: int) -> None:
     retrying(f"Writing a probe file in {workdir}", _write_probe, workdir)
   except StorageUnavailableError:
     raise
-  except Exception as error:  # noqa: BLE001 - cloud storage clients raise their own types.
+  except _refusals() as error:
     raise WorkdirError(f"Workdir {workdir} is not writable: {error}.") from error
   if is_remote(workdir):
     return

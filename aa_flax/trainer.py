@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import math
 import time
 from typing import Any, Callable, Iterator
@@ -24,16 +25,14 @@ import optax
 from absl import logging
 from etils import epath
 
-from aa_flax import config_utils, optim, parallel, resolution, storage
-from aa_flax.errors import ConfigError, NonFiniteError, VariableMismatchError, WorkdirError
+from aa_flax import config_utils, optim, parallel, storage
+from aa_flax import workdir as workdir_layout
+from aa_flax.errors import ConfigError, NonFiniteError, WorkdirError
 from aa_flax.layers import attention_paths_by_stage, recorded_attention_paths
 from aa_flax.model_cost import num_elements
 from aa_flax.preemption import PreemptionWatcher
 from aa_flax.progress import Progress, hms
-
-EVAL_RESULTS_FILE = "eval_results.json"  # written only by the training run of the workdir
-EVAL_ONLY_DIR = "eval_only_results"  # eval-only results, one file per checkpoint step and size
-CONFIG_FILE = "config.json"
+from aa_flax.workdir import CHECKPOINT_DIR, CONFIG_FILE, EVAL_RESULTS_FILE
 
 
 @flax.struct.dataclass
@@ -384,14 +383,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        model: nn.Module | None = None,
                        progress: str | Progress = "auto") -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its newest checkpoint; without one,
-  starting from ``config.init_from_checkpoint`` if set) and evaluates.
+  starting from ``config.init_from_checkpoint`` if set) and evaluates. With
+  ``config.eval_only`` it is ``evaluate_checkpoint``.
 
   Args:
     config: a config built on ``aa_flax.config_utils.base_config()`` (see ``configs/``).
     workdir: a local path or a cloud URL (``gs://bucket/run``; see ``aa_flax.storage``).
       Checkpoints, ``metrics.jsonl``, ``eval_results.json``, ``config.json`` and TensorBoard
-      events go here (eval-only: ``eval_only_results/``, see ``eval_only_path``);
-      ``run.lock`` keeps a second run out while this one runs.
+      events go here (the layout: ``aa_flax.workdir``); ``run.lock`` keeps a second run out
+      while this one runs.
     model: optional flax module to train instead of ``config.model`` (same call convention
       as the registry's models); ``config.model`` is then only recorded.
     progress: where progress goes (``aa_flax.progress``): ``"auto"`` (bars in a notebook,
@@ -407,12 +407,135 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     ConfigError, DataError, DatasetNotFoundError, ConfigMismatchError, WorkdirError,
     StorageUnavailableError, NonFiniteError (see ``aa_flax.errors``).
   """
-  from aa_flax.checkpoint import CHECKPOINT_DIR, Checkpointer
-  from aa_flax.data import InputPipeline, load_splits, resolve_num_workers
+  from aa_flax.checkpoint import Checkpointer
   from aa_flax.metric_logging import MetricLogger
-  from aa_flax.workdir_lock import workdir_lock
 
   config_utils.validate_config(config)
+  if config.eval_only:
+    return evaluate_checkpoint(config, workdir, model=model, progress=progress)
+  setup = _set_up(config, workdir, model, progress)
+  with _working_in(setup) as confirm_lock, contextlib.closing(Checkpointer(
+      setup.workdir, max_to_keep=config.keep_checkpoints,
+      async_save=config.async_checkpointing)) as checkpointer:
+    state, extra, start_step = _restore_or_initialise(setup, checkpointer)
+    config_dict = config_utils.config_to_dict(config)
+    if setup.is_main:
+      storage.write_json(setup.workdir / CONFIG_FILE, config_dict)
+    train_step = jit_train_step(
+        make_train_step(setup.model, setup.tx, setup.learning_rate,
+                        label_smoothing=config.label_smoothing, seed=config.seed,
+                        skip_nonfinite=config.on_nonfinite == "skip", **setup.norm),
+        setup.state_sharding, setup.mesh)
+    with contextlib.closing(MetricLogger(setup.workdir, enabled=setup.is_main,
+                                         resume_step=start_step)) as logger:
+      # A run resumed at the last step redoes its final eval, so that eval's record goes too.
+      logger.truncate_after(start_step, keep_evals_at_step=start_step < setup.total_steps)
+      run = _Run(config=config, workdir=setup.workdir, total_steps=setup.total_steps,
+                 train_step=train_step, eval_step=setup.eval_step, pipeline=setup.pipeline,
+                 mesh=setup.mesh, checkpointer=checkpointer, logger=logger,
+                 config_dict=config_dict,
+                 provenance={"num_devices": jax.device_count(),
+                             "data_fingerprint": setup.splits.fingerprint},
+                 is_main=setup.is_main, progress=setup.progress, confirm_lock=confirm_lock)
+      return _train_loop(run, state, start_step, extra)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        model: nn.Module | None = None,
+                        progress: str | Progress = "auto") -> dict[str, Any]:
+  """Evaluates ``config.checkpoint_path`` (else the newest checkpoint of ``workdir``) at the
+  configured image size (its variables converted by ``config.resample_method``); the
+  checkpoint itself is only read. The results (with the image size and the checkpoint) go
+  to ``aa_flax.workdir.eval_only_path``, never to a training run's ``eval_results.json``.
+
+  Arguments as ``train_and_evaluate``. Returns ``step``, ``top1``, ``top5``, ``loss``,
+  ``num_examples`` and ``preempted`` (``True``, with only ``step``, when a SIGTERM cut the
+  evaluation short: rerun to evaluate). Raises as ``train_and_evaluate``.
+  """
+  config_utils.validate_config(config)
+  setup = _set_up(config, workdir, model, progress)
+  progress = setup.progress
+  with _working_in(setup):
+    location = config.checkpoint_path or str(workdir_layout.newest_step_dir(
+        setup.workdir, "config.eval_only needs one: set config.checkpoint_path to a "
+        "checkpoint step directory"))
+    restored, state = setup.checkpoint_state(location)
+    with PreemptionWatcher() as watcher:
+      metrics = evaluate(setup.eval_step, state, setup.pipeline, setup.mesh,
+                         watcher.should_stop, progress)
+    if metrics is None:
+      logging.warning("Preempted during the evaluation of %s; rerun to evaluate.",
+                      restored.path)
+      return {"step": restored.step, "preempted": True}
+    results = {"step": restored.step, **metrics}
+    progress.line("Eval of %s: top1 %.4f top5 %.4f loss %.4f (%d examples)", restored.path,
+                  results["top1"], results["top5"], results["loss"], results["num_examples"])
+    if setup.is_main:
+      image_size = tuple(setup.pipeline.image_shape[:2])
+      target = workdir_layout.eval_only_path(setup.workdir, restored.step, image_size)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      storage.write_json(target, {**results, "image_size": list(image_size),
+                                  "checkpoint": str(restored.path)})
+      progress.line("Eval-only results: %s", target)
+    return {**results, "preempted": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What training and eval-only build from the config before reading any checkpoint."""
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  new_workdir: list[epath.Path]  # local folders this run creates: removed if a failure
+  new_checkpoints: list[epath.Path]  # leaves them empty
+  is_main: bool
+  progress: Progress
+  mesh: Any
+  splits: Any
+  pipeline: Any
+  model: nn.Module
+  dtype: Any
+  total_steps: int
+  learning_rate: optax.Schedule
+  tx: optax.GradientTransformation
+  init_state: Callable[[jax.Array], TrainState]  # key -> the freshly initialised state
+  state_sharding: Any
+  abstract_state: Any  # the TrainState as jax.ShapeDtypeStruct leaves with shardings
+  eval_step: Callable
+
+  @property
+  def norm(self) -> dict[str, Any]:
+    return dict(mean=self.splits.mean, std=self.splits.std, dtype=self.dtype)
+
+  def checkpoint_state(self, location: str, step: int | None = None):
+    """(restored checkpoint, its state at this run's image size; step: its own or ``step``)."""
+    restored, variables = workdir_layout.load_variables(
+        location, self.config.model.name, self.model, (1, *self.pipeline.image_shape),
+        method=self.config.resample_method, sharding=parallel.replicated(self.mesh))
+    step = restored.step if step is None else step
+    return restored, _run_once(functools.partial(_state_from, self.tx), variables,
+                               jnp.asarray(step, jnp.int32), out_shardings=self.state_sharding)
+
+
+def _state_from(tx: optax.GradientTransformation, variables, step) -> TrainState:
+  """A train state of ``variables`` at ``step`` with a fresh optimizer state."""
+  params = variables["params"]
+  return TrainState(step=step, params=params, batch_stats=variables.get("batch_stats", {}),
+                    opt_state=tx.init(params))
+
+
+def _init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape, dtype,
+                key) -> TrainState:
+  """The freshly initialised train state (``image_shape``: ``(H, W, C)``) at step 0."""
+  images = jnp.zeros((1, *image_shape), dtype)
+  variables = model.init({"params": key, "dropout": key}, images, train=False)
+  return _state_from(tx, variables, jnp.zeros((), jnp.int32))
+
+
+def _set_up(config, workdir: str, model: nn.Module | None, progress: str | Progress) -> _Setup:
+  """Mesh, data, input pipeline, model, optimizer and the train state's shapes; checks the
+  workdir can hold the checkpoints. Fails before anything but the workdir is written."""
+  from aa_flax.data import InputPipeline, load_splits, resolve_num_workers
+
   workdir = storage.path(workdir)  # an unsupported scheme fails here, before any work
   storage.set_retry_seconds(config.storage_retry_s)
   is_main = jax.process_index() == 0
@@ -441,21 +564,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   learning_rate = optim.create_learning_rate_schedule(
       config.optimizer, config.batch_size, pipeline.steps_per_epoch, total_steps)
   tx = optim.create_optimizer(config.optimizer, learning_rate)
-
-  def state_from(variables, step):
-    params = variables["params"]
-    return TrainState(step=step, params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params))
-
-  def init_state(key):
-    images = jnp.zeros((1, *pipeline.image_shape), dtype)
-    variables = model.init({"params": key, "dropout": key}, images, train=False)
-    return state_from(variables, jnp.zeros((), jnp.int32))
-
-  init_key = jax.random.key(config.seed)
+  init_state = functools.partial(_init_state, model, tx, pipeline.image_shape, dtype)
   try:
     with recorded_attention_paths() as attention_paths:
-      abstract_state = jax.eval_shape(init_state, init_key)
+      abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
   except ValueError as error:  # settings the model only checks when it sees the images
     raise ConfigError(f"config.model (name={config.model.name!r}, settings="
                       f"{config_utils.model_overrides(config.model)}) at image shape "
@@ -470,74 +582,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   abstract_state = jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       abstract_state, state_sharding)
-
   new_workdir = _missing_local_folders(workdir)
   new_checkpoints = _missing_local_folders(workdir / CHECKPOINT_DIR)
   storage.check_workdir(workdir, _state_bytes(abstract_state) * (config.keep_checkpoints + 1))
-  norm = dict(mean=splits.mean, std=splits.std, dtype=dtype)
-  eval_step = jit_eval_step(make_eval_step(model, **norm), state_sharding, mesh)
+  eval_step = jit_eval_step(make_eval_step(model, mean=splits.mean, std=splits.std,
+                                           dtype=dtype), state_sharding, mesh)
+  return _Setup(config=config, workdir=workdir, new_workdir=new_workdir,
+                new_checkpoints=new_checkpoints, is_main=is_main, progress=progress, mesh=mesh,
+                splits=splits, pipeline=pipeline, model=model, dtype=dtype,
+                total_steps=total_steps, learning_rate=learning_rate, tx=tx,
+                init_state=init_state, state_sharding=state_sharding,
+                abstract_state=abstract_state, eval_step=eval_step)
 
-  def checkpoint_state(checkpointer, location: str, step: int | None = None):
-    """(restored checkpoint, its state at this run's image size; step: its own or ``step``)."""
-    restored, variables = _checkpoint_variables(config, checkpointer, location, model,
-                                                pipeline.image_shape, mesh)
-    step = restored.step if step is None else step
-    return restored, _run_once(state_from, variables, jnp.asarray(step, jnp.int32),
-                               out_shardings=state_sharding)
 
+@contextlib.contextmanager
+def _working_in(setup: _Setup) -> Iterator[Callable[[str], None]]:
+  """The workdir locked for this run (yields ``confirm_lock``, see ``_Run``), with a lost
+  peer, a full disk and empty folders this run created handled on failure."""
+  from aa_flax.workdir_lock import workdir_lock
   # A failed run leaves no empty folder it created (the checkpoints' only while locked).
-  with parallel.peer_loss_is_an_error(), _removed_if_left_empty(new_workdir), \
-      workdir_lock(workdir) as confirm_lock, _removed_if_left_empty(new_checkpoints), \
-      _disk_full_is_a_workdir_error(workdir), progress.heartbeat():
-    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoints,
-                                async_save=config.async_checkpointing)
-    try:
-      if config.eval_only:
-        return _evaluate_only(config, workdir, checkpointer, checkpoint_state, eval_step,
-                              pipeline, mesh, is_main, progress)
-      restored = _resume(config, splits.fingerprint, checkpointer, abstract_state, total_steps,
-                         progress)
-      extra: dict[str, Any] = {}
-      start_step = 0
-      if restored is None and config.init_from_checkpoint:
-        source, state = checkpoint_state(checkpointer, config.init_from_checkpoint, step=0)
-        progress.line("Starting from the params and BN statistics of %s (step %d) at image "
-                      "shape %s, with a fresh optimizer state.", source.path, source.step,
-                      pipeline.image_shape)
-      elif restored is None:
-        progress.line("Initialising the model's variables (compiles its init)...")
-        state = _run_once(init_state, init_key, out_shardings=state_sharding)
-      else:
-        state, extra, start_step = restored.state, restored.extra, restored.step
-      config_dict = config_utils.config_to_dict(config)
-      if is_main:
-        storage.write_json(workdir / CONFIG_FILE, config_dict)
-      train_step = jit_train_step(
-          make_train_step(model, tx, learning_rate, label_smoothing=config.label_smoothing,
-                          seed=config.seed, skip_nonfinite=config.on_nonfinite == "skip",
-                          **norm),
-          state_sharding, mesh)
-      logger = MetricLogger(workdir, enabled=is_main, resume_step=start_step)
-      # A run resumed at the last step redoes its final eval, so that eval's record goes too.
-      logger.truncate_after(start_step, keep_evals_at_step=start_step < total_steps)
-      try:
-        run = _Run(config=config, workdir=workdir, total_steps=total_steps,
-                   train_step=train_step, eval_step=eval_step, pipeline=pipeline, mesh=mesh,
-                   checkpointer=checkpointer, logger=logger, config_dict=config_dict,
-                   provenance={"num_devices": jax.device_count(),
-                               "data_fingerprint": splits.fingerprint},
-                   is_main=is_main, progress=progress, confirm_lock=confirm_lock)
-        return _train_loop(run, state, start_step, extra)
-      finally:
-        logger.close()
-    finally:
-      checkpointer.close()
+  with parallel.peer_loss_is_an_error(), _removed_if_left_empty(setup.new_workdir), \
+      workdir_lock(setup.workdir) as confirm_lock, \
+      _removed_if_left_empty(setup.new_checkpoints), \
+      _disk_full_is_a_workdir_error(setup.workdir), setup.progress.heartbeat():
+    yield confirm_lock
+
+
+def _restore_or_initialise(setup: _Setup, checkpointer) -> tuple[TrainState, dict[str, Any],
+                                                                  int]:
+  """``(state, extra, step)`` to train from: the workdir's newest usable checkpoint, else
+  the variables of ``config.init_from_checkpoint`` at step 0, else freshly initialised ones."""
+  config, progress = setup.config, setup.progress
+  restored = _resume(config, setup.splits.fingerprint, checkpointer, setup.abstract_state,
+                     setup.total_steps, progress)
+  if restored is not None:
+    return restored.state, restored.extra, restored.step
+  if config.init_from_checkpoint:
+    source, state = setup.checkpoint_state(config.init_from_checkpoint, step=0)
+    progress.line("Starting from the params and BN statistics of %s (step %d) at image "
+                  "shape %s, with a fresh optimizer state.", source.path, source.step,
+                  setup.pipeline.image_shape)
+    return state, {}, 0
+  progress.line("Initialising the model's variables (compiles its init)...")
+  state = _run_once(setup.init_state, jax.random.key(config.seed),
+                    out_shardings=setup.state_sharding)
+  return state, {}, 0
 
 
 def _resume(config, data_fingerprint: str, checkpointer, abstract_state, total_steps: int,
             progress: Progress):
   """The newest usable checkpoint (``checkpoint.Restored``) once its config, data and step
-  fit this run, or ``None`` to start afresh. Its ``extra`` always has ``data_position``."""
+  fit this run, or ``None`` to start afresh. Its ``extra`` has ``data_position``, the
+  examples of the training stream consumed (``_save``)."""
 
   def check(saved_config: dict[str, Any], saved_extra: dict[str, Any]) -> None:
     differences = config_utils.resume_differences(saved_config, config)
@@ -559,75 +655,8 @@ def _resume(config, data_fingerprint: str, checkpointer, abstract_state, total_s
     logging.warning("Checkpoint %s was written on %d devices and resumes on %d: training "
                     "continues correctly, but results are no longer bitwise equal to an "
                     "uninterrupted run.", restored.path, saved_devices, jax.device_count())
-  if "data_position" not in restored.extra:  # written before positions counted examples
-    batches = restored.extra.get("data_iterator", {}).get("next_index", 0)
-    restored.extra["data_position"] = batches * restored.config.get("batch_size", 0)
   progress.line("Resumed from %s (step %d).", restored.path, restored.step)
   return restored
-
-
-def _checkpoint_variables(config, checkpointer, location: str, model: nn.Module,
-                          image_shape: tuple[int, ...], mesh):
-  """The params and BN statistics of checkpoint ``location`` (restored with its own shapes,
-  digest checked), converted to ``image_shape`` by ``config.resample_method``.
-
-  Returns ``(restored, variables)``. Raises ``VariableMismatchError`` for a checkpoint of
-  another model (another name, or variables that differ other than in size).
-  """
-  restored = checkpointer.restore_path_as_saved(location, parallel.replicated(mesh))
-  saved_name = restored.config.get("model", {}).get("name")
-  if saved_name != config.model.name:
-    raise VariableMismatchError(
-        f"Checkpoint {restored.path} holds a {saved_name!r} model but config.model.name is "
-        f"{config.model.name!r}; use the model the checkpoint was trained as.")
-  variables = {name: restored.state[name] for name in ("params", "batch_stats")
-               if restored.state.get(name)}
-  try:
-    converted = resolution.convert_variables(model, variables, (1, *image_shape),
-                                             method=config.resample_method)
-  except VariableMismatchError as error:
-    raise VariableMismatchError(f"Checkpoint {restored.path} does not fit config.model: "
-                                f"{error}") from error
-  return restored, converted
-
-
-def _evaluate_only(config, workdir, checkpointer, checkpoint_state, eval_step, pipeline, mesh,
-                   is_main, progress: Progress) -> dict[str, Any]:
-  """Evaluates ``config.checkpoint_path`` (else the workdir's newest checkpoint) at the
-  configured image size; the checkpoint itself is only read. The results (with the image
-  size and the checkpoint) go to ``eval_only_path``, never to a training run's
-  ``eval_results.json``."""
-  location = config.checkpoint_path
-  if not location:
-    newest = checkpointer.latest_step()
-    if newest is None:
-      raise WorkdirError(f"eval_only: no checkpoint in {checkpointer.directory}; set "
-                         "config.checkpoint_path to a checkpoint step directory.")
-    location = str(checkpointer.step_path(newest))
-  restored, state = checkpoint_state(checkpointer, location)
-  with PreemptionWatcher() as watcher:
-    metrics = evaluate(eval_step, state, pipeline, mesh, watcher.should_stop, progress)
-  if metrics is None:
-    logging.warning("Preempted during the evaluation of %s; rerun to evaluate.", restored.path)
-    return {"step": restored.step, "preempted": True}
-  results = {"step": restored.step, **metrics}
-  progress.line("Eval of %s: top1 %.4f top5 %.4f loss %.4f (%d examples)", restored.path,
-                results["top1"], results["top5"], results["loss"], results["num_examples"])
-  if is_main:
-    height, width = pipeline.image_shape[:2]
-    target = eval_only_path(workdir, restored.step, (height, width))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    storage.write_json(target, {**results, "image_size": [height, width],
-                                "checkpoint": str(restored.path)})
-    progress.line("Eval-only results: %s", target)
-  return {**results, "preempted": False}
-
-
-def eval_only_path(workdir: epath.Path, step: int, image_size: tuple[int, int]) -> epath.Path:
-  """``<workdir>/eval_only_results/step_000030_32px.json`` (``32x48px`` if not square)."""
-  height, width = image_size
-  size = f"{height}px" if height == width else f"{height}x{width}px"
-  return workdir / EVAL_ONLY_DIR / f"step_{step:06d}_{size}.json"
 
 
 def _train_loop(run: _Run, state: TrainState, start_step: int,

@@ -94,44 +94,30 @@ def fresh_model(model_name: str, image_size: int | tuple[int, int], channels: in
                      f"{model_name}, FRESH (untrained) weights", fresh=True)
 
 
-def _newest_step_dir(workdir: str) -> str:
-  directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(p) for p in os.listdir(directory) if p.isdigit()) \
-      if os.path.isdir(directory) else []
-  if not steps:
-    raise WorkdirError(f"{workdir} has no checkpoint under {directory}; train first, or pass "
-                       "a checkpoint step directory.")
-  return os.path.join(directory, str(steps[-1]))
-
-
 def load_trained(workdir: Optional[str] = None, checkpoint: Optional[str] = None
                  ) -> LoadedModel:
   """The model of a training workdir with the weights of its newest checkpoint, or of
   ``checkpoint`` (``<workdir>/checkpoints/<step>``; the config is ``<workdir>/config.json``).
+  Both may be local paths or cloud URLs (``gs://...``).
 
   Raises ``WorkdirError`` for a missing workdir, checkpoint or ``config.json``.
   The checkpoint's digest is verified first (``CorruptCheckpointError`` if it differs).
   """
-  import json
-
   import ml_collections
 
+  from aa_flax import storage
+  from aa_flax import workdir as workdir_layout
   from aa_flax.checkpoint import read_state_arrays
   from aa_flax.trainer import build_model
   if (workdir is None) == (checkpoint is None):
     raise ValueError("pass exactly one of workdir or checkpoint")
-  location = workdir or checkpoint
-  if not os.path.isdir(location):
+  location = storage.path(workdir or checkpoint)
+  if not storage.retrying(f"Reading {location}", location.is_dir):
     raise WorkdirError(f"{location} does not exist or is not a directory.")
-  workdir = workdir or os.path.dirname(os.path.dirname(os.path.normpath(checkpoint)))
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise WorkdirError(f"{config_path} not found: the model's config is read from the "
-                       "training workdir that holds the checkpoint.")
-  step_dir = checkpoint or _newest_step_dir(workdir)
-  with open(config_path) as handle:
-    config = ml_collections.ConfigDict(json.load(handle))
-  state = read_state_arrays(step_dir)
+  workdir = location if checkpoint is None else workdir_layout.workdir_of(location)
+  config = ml_collections.ConfigDict(workdir_layout.read_config(workdir))
+  step_dir = location if checkpoint is not None else workdir_layout.newest_step_dir(workdir)
+  state = read_state_arrays(str(step_dir))
   heads = [leaf for path, leaf in flax.traverse_util.flatten_dict(state["params"]).items()
            if path[-2:] == ("head", "kernel")]
   if len(heads) != 1:
@@ -140,7 +126,7 @@ def load_trained(workdir: Optional[str] = None, checkpoint: Optional[str] = None
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   size, channels, mean, std = _input_spec(config.data, config.seed)
   return LoadedModel(model, variables, size, channels, mean, std,
-                     f"{config.model.name}, trained: {os.path.basename(workdir)} "
+                     f"{config.model.name}, trained: {workdir.name} "
                      f"step {int(state['step'])}", fresh=False, data_config=config.data)
 
 
@@ -235,13 +221,16 @@ def _fit(image: np.ndarray, loaded: LoadedModel) -> np.ndarray:
   return image.astype(np.uint8)
 
 
-def _normalise(image: np.ndarray, loaded: LoadedModel) -> np.ndarray:
-  x = image.astype(np.float32) / 255.0
+def _normalise(image: np.ndarray, loaded: LoadedModel) -> jax.Array:
+  """uint8 ``[H, W, C]`` -> float32 ``[1, H, W, C]`` as in training (``trainer.normalise``);
+  fresh weights without data statistics use the image's own per-channel mean and std."""
+  from aa_flax.trainer import normalise
   if loaded.mean is None:
+    x = image.astype(np.float32) / 255.0
     mean, std = x.mean(axis=(0, 1)), np.maximum(x.std(axis=(0, 1)), 1e-3)
   else:
-    mean, std = np.asarray(loaded.mean, np.float32), np.asarray(loaded.std, np.float32)
-  return (x - mean) / std
+    mean, std = loaded.mean, loaded.std
+  return normalise(image[None], mean, std, jnp.float32)
 
 
 def _is_aaconv_call(module: nn.Module, method_name: str) -> bool:
@@ -283,7 +272,7 @@ def attention_maps(loaded: LoadedModel, image: np.ndarray, queries: Sequence[Que
   for y, x in queries:
     if not (0 <= y < height and 0 <= x < width):
       raise ValueError(f"query pixel (y={y}, x={x}) is outside the {height}x{width} image")
-  images = jnp.asarray(_normalise(image, loaded))[None]
+  images = _normalise(image, loaded)
   apply = jax.jit(lambda v, x: loaded.model.apply(
       v, x, train=False, mutable=["intermediates"], capture_intermediates=_is_aaconv_call))
   logits, state = apply(loaded.variables, images)

@@ -33,8 +33,8 @@ from etils import epath
 
 from aa_flax import storage
 from aa_flax.errors import WorkdirError
+from aa_flax.workdir import LOCK_FILE
 
-LOCK_FILE = "run.lock"
 REFRESH_S = 60.0
 STALE_AFTER_S = 600.0
 

@@ -20,7 +20,6 @@ a busy machine hits both alike.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -31,13 +30,13 @@ import numpy as np
 
 from aa_flax import report, run_info, tables
 from aa_flax.config_utils import load_config
-from aa_flax.metric_logging import METRICS_FILE
-from aa_flax.trainer import CONFIG_FILE, EVAL_RESULTS_FILE
+from aa_flax.workdir import (CONFIG_FILE, EVAL_RESULTS_FILE, METRICS_FILE, RUN_INFO_FILE,
+                             read_json)
 from benchmarks import common
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO_ROOT, "configs", "cifar10_evidence.py")
-RECORD_FILES = (CONFIG_FILE, EVAL_RESULTS_FILE, METRICS_FILE, run_info.RUN_INFO_FILE)
+RECORD_FILES = (CONFIG_FILE, EVAL_RESULTS_FILE, METRICS_FILE, RUN_INFO_FILE)
 TRAIN_FILES = ("cifar10_train_part0.npz", "cifar10_train_part1.npz")
 TEST_FILE = "cifar10_test.npz"
 GROUP = "cifar10_evidence"
@@ -92,11 +91,11 @@ def run_config(model: str, seed: int, train_file: str, test_file: str, epochs: f
 def train(config, workdir: str, notes: Sequence[str]) -> dict:
   """Trains (or resumes) one run and appends its wall time to ``run_info.json``."""
   import aa_flax
-  results_path = os.path.join(workdir, EVAL_RESULTS_FILE)
-  if os.path.exists(results_path):
+  from aa_flax import storage
+  finished = read_json(storage.path(workdir) / EVAL_RESULTS_FILE)
+  if finished is not None:
     print(f"{workdir}: finished earlier, not trained again", flush=True)
-    with open(results_path) as handle:
-      return json.load(handle)
+    return finished
   start = time.perf_counter()
   result = aa_flax.train_and_evaluate(config, workdir)
   wall = time.perf_counter() - start

@@ -20,7 +20,6 @@ by each ``aa_flax.resolution`` method, re-initialised, or not converted at all).
 
 from __future__ import annotations
 
-import glob
 import os
 import time
 from typing import Any
@@ -62,14 +61,6 @@ def run_config(args, train_file: str, test_file: str, image_size: int, num_steps
       node = node[parent]
     node[leaf] = value
   return config
-
-
-def latest_step_dir(workdir: str) -> str:
-  steps = [int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
-           if os.path.basename(p).isdigit()]
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {workdir}")
-  return os.path.join(workdir, "checkpoints", str(max(steps)))
 
 
 def eval_images(images: np.ndarray, size: int, condition: str, mean) -> np.ndarray:
@@ -145,6 +136,7 @@ def run(args) -> list[dict[str, Any]]:
   from aa_flax.checkpoint import read_state_arrays
   from aa_flax.data import load_splits
   from aa_flax.trainer import build_model
+  from aa_flax.workdir import newest_step_dir
 
   train_file, test_file = cifar10_evidence.write_subsets(
       args.data_dir, os.path.join(args.workdir, "data"), args.train_examples,
@@ -155,7 +147,7 @@ def run(args) -> list[dict[str, Any]]:
   workdir = os.path.join(args.workdir, f"train{TRAIN_SIZE}")
   notes = [f"{args.data_note}: {args.train_examples:,} training images (class-balanced)"]
   cifar10_evidence.train(config, workdir, notes)
-  checkpoint = latest_step_dir(workdir)
+  checkpoint = str(newest_step_dir(workdir))
   state = read_state_arrays(checkpoint)
   variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
   splits = load_splits(config.data, seed=config.seed)

@@ -89,6 +89,19 @@ def test_eval_only_reproduces_final_eval(digits_run, tmp_path):
   assert written["top1"] == result["top1"] and not (tmp_path / "eval_results.json").exists()
 
 
+def test_evaluate_checkpoint_takes_the_newest_step_of_the_workdir(digits_run, tmp_path):
+  workdir, result, _ = digits_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  trained = (run / "eval_results.json").read_bytes()
+  evaluated = aa_flax.evaluate_checkpoint(tiny_config(), str(run))  # eval_only not set
+  assert evaluated["step"] == 12 and evaluated["top1"] == result["top1"]
+  assert read_json(run / "eval_only_results" / "step_000012_8px.json")["checkpoint"] == \
+      str(run / "checkpoints" / "12")
+  assert (run / "eval_results.json").read_bytes() == trained
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["12", "6"]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_from_middle_checkpoint_matches_uninterrupted(digits_run, tmp_path, num_workers):
   """Also when the resumed run reads (and evaluates) with worker processes."""

@@ -67,7 +67,7 @@ def test_failed_eval_only_leaves_nothing_behind(tmp_path, existed):
   workdir = tmp_path / "evaluation"
   if existed:
     workdir.mkdir()
-  with pytest.raises(WorkdirError, match="eval_only: no checkpoint in"):
+  with pytest.raises(WorkdirError, match="No checkpoint in"):
     aa_flax.train_and_evaluate(tiny_config(eval_only=True), str(workdir), progress="none")
   assert workdir.exists() == existed
   assert not existed or list(workdir.iterdir()) == []
