@@ -252,15 +252,11 @@ def _close(iterator) -> None:
 def _release_shared_memory() -> None:
   """Frees the shared memory of the worker batches no longer referenced, now.
 
-  Their arrays release it when deleted, which grain (0.2.x) hands to a background thread;
-  the buffers of a closed iterator are in reference cycles, so they wait for the garbage
-  collector. What is still pending at interpreter exit is reported as leaked.
+  Their arrays unlink it when deleted (``_delete_shared_memory_where_freed``); the buffers
+  of a closed iterator are in reference cycles, so they wait for the garbage collector.
+  What is still pending at interpreter exit is reported as leaked.
   """
   gc.collect()
-  from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-  deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)
-  if deleter is not None:
-    deleter.apply(int)  # one thread, in order: returns once the queued deletions are done
 
 
 @functools.cache
