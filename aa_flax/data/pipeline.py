@@ -171,6 +171,7 @@ class InputPipeline:
           num_workers=self.num_workers,
           per_worker_buffer_size=max(1, math.ceil(self.prefetch / self.num_workers))),
           worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+      _delete_shared_memory_where_freed()
       _release_shared_memory_at_exit()
     return iter(iter_dataset)
 
@@ -251,15 +252,26 @@ def _close(iterator) -> None:
 def _release_shared_memory() -> None:
   """Frees the shared memory of the worker batches no longer referenced, now.
 
-  Their arrays release it when deleted, which grain (0.2.x) hands to a background thread;
-  the buffers of a closed iterator are in reference cycles, so they wait for the garbage
-  collector. What is still pending at interpreter exit is reported as leaked.
+  Their arrays unlink it when deleted (``_delete_shared_memory_where_freed``); the buffers
+  of a closed iterator are in reference cycles, so they wait for the garbage collector.
+  What is still pending at interpreter exit is reported as leaked.
   """
   gc.collect()
+
+
+@functools.cache
+def _delete_shared_memory_where_freed() -> None:
+  """Makes grain (0.2.x) unlink a worker batch's shared memory on the thread that frees it.
+
+  Its default hands the close and unlink to a background thread. When the garbage
+  collector frees a batch (the last one of an exhausted worker stays in a reference cycle
+  with the end-of-stream exception), it also closes the segment's ``SharedMemory`` on the
+  collecting thread; the two closes can overlap, the background one then fails on a closed
+  descriptor, and the segment is never unlinked. With no permits, grain deletes in place.
+  """
   from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-  deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)
-  if deleter is not None:
-    deleter.apply(int)  # one thread, in order: returns once the queued deletions are done
+  SharedMemoryArray.enable_async_del(1)
+  SharedMemoryArray._outstanding_del_requests = threading.Semaphore(0)
 
 
 @functools.cache
