@@ -16,11 +16,14 @@ through an outage. Each client in the chain is pointed at the server its own way
 * orbax's arrays -> tensorstore's GCS driver (OCDBT manifests written with generation
   preconditions): ``TENSORSTORE_GCS_HTTP_URL``.
 
-gcsfs retries a 503 itself for about 30 s (6 tries, backoff 1, 2, 4, 8, 16 s) before it
-raises; an outage the run must notice therefore lasts longer than that.
+gcsfs retries a 503 itself (6 tries, waits of about 1, 2, 4, 8, 16 s: 31 to 36 s) before
+it raises; an outage the run must notice lasts longer than that. The outage tests' ``train.py``
+runs have those waits scaled by ``GCSFS_RETRY_SCALE`` (``short_gcsfs_retries/sitecustomize.py``),
+so gcsfs gives up after about 2 s and their outages and ``storage_retry_s`` are seconds.
 """
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -179,12 +182,20 @@ def test_gs_workdir_trains_resumes_falls_back_and_evaluates(emulator, tmp_path):
 
 # --- storage outages ----------------------------------------------------------------------
 
-GCSFS_GIVES_UP_S = 40  # an outage that outlasts gcsfs's own retries (about 31 to 37 s)
+GCSFS_RETRY_SCALE = 0.05  # gcsfs's own retries then give up after 1.55 to 1.8 s, not 31 to 36
+GCSFS_GIVES_UP_S = 5  # an outage that outlasts gcsfs's own (scaled) retries
+SHORT_GCSFS_RETRIES = REPO_ROOT / "tests" / "short_gcsfs_retries"
 
 
 def _through(env, proxy: FaultProxy) -> dict:
   """``env`` with both storage clients (gcsfs, tensorstore) pointed at ``proxy``."""
   return {**env, "STORAGE_EMULATOR_HOST": proxy.url, "TENSORSTORE_GCS_HTTP_URL": proxy.url}
+
+
+def _outage(env, proxy: FaultProxy) -> dict:
+  """``_through(env, proxy)`` with gcsfs's own retry waits scaled by ``GCSFS_RETRY_SCALE``."""
+  return {**_through(env, proxy), "AA_FLAX_TEST_GCSFS_RETRY_SCALE": str(GCSFS_RETRY_SCALE),
+          "PYTHONPATH": f"{SHORT_GCSFS_RETRIES}{os.pathsep}{env['PYTHONPATH']}"}
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +233,7 @@ def test_outage_on_the_newest_checkpoint_is_waited_out_or_stops_with_75(emulator
   fs.rm_file(f"{workdir}/eval_results.json")
   with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
     proxy.fail("outage_resume/checkpoints/12/", None)
-    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+    run = _train_py(_outage(env, proxy), workdir, "--config.storage_retry_s=2")
     assert run.returncode == 75, run.stderr[-3000:]
     errors = _error_lines(run.stderr)
     assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
@@ -233,7 +244,7 @@ def test_outage_on_the_newest_checkpoint_is_waited_out_or_stops_with_75(emulator
 
     proxy.heal()
     proxy.fail("outage_resume/checkpoints/12/", GCSFS_GIVES_UP_S)
-    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=120")
+    run = _train_py(_outage(env, proxy), workdir, "--config.storage_retry_s=30")
     assert run.returncode == 0, run.stderr[-3000:]
     assert proxy.failed > 6  # the outage was seen (and outlasted gcsfs's own retries)
   assert f"Resumed from {workdir}/checkpoints/12 (step 12)" in run.stderr
@@ -248,7 +259,7 @@ def test_outage_on_commit_markers_stops_with_75_and_one_line(emulator, finished_
   workdir = _copy_run(fs, finished_run, "outage_commit")
   with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
     proxy.fail(r"outage_commit/checkpoints/\d+/commit_success\.txt", None)
-    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+    run = _train_py(_outage(env, proxy), workdir, "--config.storage_retry_s=2")
   assert run.returncode == 75, run.stderr[-3000:]
   errors = _error_lines(run.stderr)
   assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
@@ -264,7 +275,7 @@ def test_outage_during_a_save_stops_with_75_and_the_resume_is_bitwise(emulator, 
   workdir = f"gs://{BUCKET}/outage_save"
   with FaultProxy(env["STORAGE_EMULATOR_HOST"]) as proxy:
     proxy.fail("outage_save/checkpoints/12", None)  # the final save
-    run = _train_py(_through(env, proxy), workdir, "--config.storage_retry_s=2")
+    run = _train_py(_outage(env, proxy), workdir, "--config.storage_retry_s=2")
   assert run.returncode == 75, run.stderr[-3000:]
   errors = _error_lines(run.stderr)
   assert len(errors) == 1 and errors == run.stderr.strip().splitlines()[-1:], run.stderr[-3000:]
@@ -303,7 +314,7 @@ def test_outage_seen_by_one_of_two_processes_stops_both_with_the_same_line(emula
         train_py_command(workdir, "--config.storage_retry_s=2",
                          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                          f"--process_id={i}"),
-        env=_through(env, proxy), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+        env=_outage(env, proxy), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True) for i, proxy in enumerate((clean, failing))]
     try:
       outputs = [p.communicate(timeout=300)[1] for p in processes]
