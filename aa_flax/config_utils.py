@@ -8,7 +8,9 @@ fails loudly in ``config_flags``, and assigning one from Python (``config.num_tr
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -35,7 +37,6 @@ class Config(ml_collections.ConfigDict):
 
   def __setitem__(self, key, value):
     if self.is_locked and key not in self:
-      import difflib
       prefix = self.__dict__.get("_prefix", "")  # the section's dotted path, set by lock()
       keys = [str(k) for k in self.keys()]
       close = difflib.get_close_matches(str(key), keys, n=3, cutoff=0.6) or sorted(keys)[:8]
@@ -300,7 +301,6 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def shipped_configs_dir() -> str:
   """The folder of the configs that ship with aa_flax: ``aa_flax/configs`` in an installed
   package, the repository's ``configs/`` in a checkout (or an editable install)."""
-  import os
   package_dir = os.path.dirname(os.path.abspath(__file__))
   installed = os.path.join(package_dir, "configs")
   return installed if os.path.isdir(installed) else \
@@ -309,7 +309,6 @@ def shipped_configs_dir() -> str:
 
 def shipped_config_names() -> list[str]:
   """The file names of the shipped configs, e.g. ``['cifar.py', ..., 'default.py', ...]``."""
-  import os
   folder = shipped_configs_dir()
   return sorted(name for name in os.listdir(folder)
                 if name.endswith(".py") and not name.startswith("_")) \
@@ -320,7 +319,6 @@ def resolve_config_spec(spec: str) -> str:
   """``'<path>[:<arg>]'`` with the path made a file that exists: an existing path stays as it
   is; a bare file name (``'cifar.py:aa_wrn28_10'``) that is no file here names a shipped
   config. Raises ``ConfigError`` naming the shipped configs when neither exists."""
-  import os
   path, sep, arg = spec.partition(":")
   if os.path.isfile(path):
     return spec
@@ -346,7 +344,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   argument the file rejects raises ``ConfigError``.
   """
   import importlib.util
-  import os
   path, _, arg = resolve_config_spec(spec).partition(":")
   module_spec = importlib.util.spec_from_file_location(
       os.path.splitext(os.path.basename(path))[0], path)
@@ -362,7 +359,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 def check_override_keys(config: ml_collections.ConfigDict, keys: list[str]) -> None:
   """Raises ``ConfigError`` for the first dotted key that ``config`` lacks, naming the
   closest valid keys (``keys`` as in ``--config.<key>=...``)."""
-  import difflib
   leaves = sorted(flatten(config))
   valid = set()
   for key in leaves:
